@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# System packages the test suite needs (idempotent): rpmbuild/rpmlint for the RPM checks,
+# systemd-analyze for the unit check, chromium for the UI tests, wrk for bench calibration.
+set -euo pipefail
+need=()
+command -v rpmbuild >/dev/null || need+=(rpm)
+command -v rpm2cpio >/dev/null || need+=(rpm2cpio)
+command -v rpmlint >/dev/null || need+=(rpmlint)
+command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v chromium >/dev/null || need+=(chromium)
+command -v wrk >/dev/null || need+=(wrk)
+command -v cpio >/dev/null || need+=(cpio)
+if [ ${#need[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi

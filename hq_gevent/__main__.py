@@ -1,0 +1,5 @@
+import sys
+
+from hq_gevent.cli import main
+
+sys.exit(main())

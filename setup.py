@@ -1,0 +1,37 @@
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+version = re.search(r'__version__ = "([^"]+)"', (here / "hq_gevent" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="hq-gevent",
+    version=version,
+    description="A durable, language-agnostic HTTP job queue server on gevent (HQ-compatible)",
+    long_description=(here / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    packages=find_packages(include=["hq_gevent", "hq_gevent.*"]),
+    include_package_data=True,
+    package_data={"hq_gevent": ["ui/*", "ui/**/*"]},
+    python_requires=">=3.11",
+    install_requires=[
+        "gevent>=23.9",
+        "bottle>=0.12.25",
+        "requests>=2.28",
+        "ujson>=5.7",
+        "toml>=0.10.2",
+        "zc.lockfile>=3.0",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "playwright>=1.40"],
+    },
+    entry_points={"console_scripts": ["hq-gevent = hq_gevent.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3.11",
+        "Framework :: Bottle",
+        "Operating System :: POSIX :: Linux",
+    ],
+)
