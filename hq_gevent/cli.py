@@ -18,7 +18,6 @@ STATUSES = ("waiting", "running", "canceling", "success", "failure", "canceled",
 FINISHED = ("success", "failure", "canceled", "unknown")
 COLORS = {"failure": "31", "success": "32", "running": "36", "unknown": "33",
           "canceled": "90", "canceling": "90", "unfinished": "2"}
-PAGE_SIZE = 1000
 
 
 class Failed(Exception):
@@ -339,22 +338,23 @@ def run_list(args, parser):
 
 
 def fetch_list(client, filters, begin, limit, walk_all):
-    """Follow `next` until `limit` jobs are collected or the list ends (one page when neither
-    -l nor --all is given, so the server's job_list_default_limit applies)."""
-    page = client.list(begin=begin, limit=PAGE_SIZE if walk_all else limit, **filters)
-    if not (walk_all or limit):
+    """--all follows `next` to the end; -l N asks for N and follows `next` while a page comes
+    back short; with neither, one page, so the server's job_list_default_limit applies."""
+    if walk_all:
+        jobs = list(client.iter_jobs(begin=begin, **filters))
+        return {"jobs": jobs, "hasNext": False, "count": len(jobs)}
+    page = client.list(begin=begin, limit=limit, **filters)
+    if not limit:
         return page
     jobs = list(page["jobs"])
-    while page.get("hasNext") and page.get("next") not in (None, begin) and (walk_all or len(jobs) < limit):
+    while len(jobs) < limit and page.get("hasNext") and page.get("next") not in (None, begin):
         begin = page["next"]
-        page = client.list(begin=begin, limit=PAGE_SIZE if walk_all else limit - len(jobs), **filters)
+        page = client.list(begin=begin, limit=limit - len(jobs), **filters)
         jobs += page["jobs"]
-    if limit:
-        jobs = jobs[:limit]
-    result = {"jobs": jobs, "hasNext": bool(page.get("hasNext"))}
+    result = {"jobs": jobs[:limit], "hasNext": bool(page.get("hasNext"))}
     if result["hasNext"]:
         result["next"] = page.get("next")
-    result["count"] = len(jobs)
+    result["count"] = len(result["jobs"])
     return result
 
 

@@ -57,15 +57,23 @@ def job_id(value):
 
 
 def _reason(exc):
-    # requests wraps urllib3 wraps the socket error; the OS's own words are the useful part.
-    seen = set()
-    e = exc
-    while e is not None and id(e) not in seen:
+    # requests wraps urllib3 wraps the socket error: dig for the OS's own words ("Connection
+    # refused"), else the innermost error's text ("Remote end closed connection...").
+    todo, seen, last = [exc], set(), exc
+    while todo and len(seen) < 50:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
         seen.add(id(e))
         if isinstance(e, OSError) and e.strerror:
             return e.strerror
-        e = e.__cause__ or e.__context__
-    return str(exc) or type(exc).__name__
+        last = e
+        todo += [a for a in e.args if isinstance(a, BaseException)]
+        todo += [x for x in (e.__cause__, e.__context__) if x is not None]
+        reason = getattr(e, "reason", None)
+        if isinstance(reason, BaseException):
+            todo.append(reason)
+    return str(last) or type(last).__name__
 
 
 class Client:

@@ -1,0 +1,760 @@
+"""hq-gevent's load-testing suite: `python3 -m bench [options]`.
+
+Each scenario starts a fresh server (any HQ-compatible command, `--server 'CMD {config}'`) on a
+temporary data_dir and a fresh bench worker, both on 127.0.0.1, drives it over HTTP only, and
+prints a table plus one JSON line per scenario. `--compare 'CMD {config}'` runs a second server
+alternately with the first (A B A B ..., `--rounds`, at least 3) and reports medians and A/B ratios.
+
+Every run is bounded in count and time; every child process runs in its own process group and is
+killed on exit, on an error and on Ctrl-C (and gets SIGKILL if the bench itself dies).
+"""
+import argparse
+import ctypes
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import gevent
+from gevent import subprocess
+
+from bench import load
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+DEFAULT_SERVER = f"{shlex.quote(sys.executable)} -m hq_gevent serve -c {{config}}"
+SCENARIOS = ["baseline", "push", "e2e", "slow", "memory", "list"]
+SIZES = {  # jobs per scenario: full run, and --quick
+    "full": {"push": 20000, "e2e": 20000, "slow": 10000, "memory": 100000, "list": 100000},
+    "quick": {"push": 2000, "e2e": 2000, "slow": 1000, "memory": 5000, "list": 5000},
+}
+# Server config per scenario (the issue's reference points), before --set overrides.
+CONFIGS = {
+    "push": {"dispatchers": 2, "max_workers": 0},
+    "e2e": {"dispatchers": 2, "max_workers": 100},
+    "slow": {"dispatchers": 1, "max_workers": None},  # None: ample, = n
+    "memory": {"dispatchers": 2, "max_workers": 100},
+    "list": {"dispatchers": 2, "max_workers": 100},
+}
+# Figures where smaller is better; every other figure is higher-is-better.
+LOWER_IS_BETTER = re.compile(r"(_ms|_s|_bytes|_mb|lost|duplicates|unexpected|errors|client_cpu)$")
+# Keys only hq-gevent knows; a 1.x server (e.g. the Go HQ) refuses or ignores them.
+HQ_GEVENT_ONLY_KEYS = ("wal_fsync",)
+
+children = []  # every live Popen, for cleanup
+
+
+def log(msg):
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def _die_with_parent():
+    # PR_SET_PDEATHSIG: a child gets SIGKILL if the bench is killed without a chance to clean up.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def spawn(cmd, log_path, env=None, stdout=None):
+    out = open(log_path, "ab")
+    proc = subprocess.Popen(
+        cmd,
+        stdout=stdout if stdout is not None else out,
+        stderr=out,
+        env=env,
+        start_new_session=True,  # its own process group, so a wrapper's children die with it
+        preexec_fn=_die_with_parent,
+    )
+    out.close()
+    children.append(proc)
+    return proc
+
+
+def stop(proc, sig=signal.SIGTERM, timeout=15.0):
+    """Signal the child's process group and wait; SIGKILL when it does not exit in time."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # leftovers of the group, if any
+    except (ProcessLookupError, PermissionError):
+        pass
+    if proc.poll() is None:
+        proc.wait(5)
+    if proc in children:
+        children.remove(proc)
+    return proc.returncode
+
+
+def cleanup():
+    for proc in list(children):
+        try:
+            stop(proc, signal.SIGKILL, 5)
+        except Exception as exc:  # keep killing the others
+            log(f"cleanup of pid {proc.pid}: {exc}")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def tail(path, n=30):
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def toml_dumps(config):
+    # Only strings, ints and bools occur; JSON's string escapes are valid TOML basic strings.
+    return "".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items() if v is not None)
+
+
+def rss_bytes(pid):
+    """RSS of `pid` plus its descendants (a server command may be a wrapper)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        p = frontier.pop()
+        for child, parent in parents.items():
+            if parent == p and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    total = 0
+    for p in tree:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+class Worker:
+    """`python3 -m bench.worker` on a port it picks itself (no port race)."""
+
+    def __init__(self, workdir, sleep_ms=0, trivial=False, name="worker"):
+        cmd = [sys.executable, "-m", "bench.worker", "--port", "0"]
+        if sleep_ms:
+            cmd += ["--sleep-ms", str(sleep_ms)]
+        if trivial:
+            cmd.append("--trivial")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        self.log_path = Path(workdir) / f"{name}.log"
+        self.proc = spawn(cmd, self.log_path, env=env, stdout=subprocess.PIPE)
+        with gevent.Timeout(20, RuntimeError(f"worker did not start:\n{tail(self.log_path)}")):
+            line = self.proc.stdout.readline().decode()
+        if not line.startswith("listening"):
+            raise RuntimeError(f"worker did not start:\n{tail(self.log_path)}")
+        self.port = int(line.rsplit(":", 1)[1])
+        self.url = f"http://{HOST}:{self.port}"
+
+    def stats(self):
+        status, body = load.get(HOST, self.port, "/stats")
+        return json.loads(body)
+
+    def arrivals(self):
+        status, body = load.get(HOST, self.port, "/arrivals", timeout=60)
+        return json.loads(body)
+
+    def close(self):
+        stop(self.proc)
+
+
+class Server:
+    """One run of the server under test, from a command template with `{config}`."""
+
+    def __init__(self, template, flavor, workdir, name, config):
+        self.template = template
+        self.flavor = flavor
+        self.workdir = Path(workdir)
+        self.name = name
+        self.data_dir = self.workdir / f"{name}-data"
+        self.config_path = self.workdir / f"{name}.toml"
+        self.log_path = self.workdir / f"{name}.log"
+        self.config = {
+            "addr": None,
+            "data_dir": str(self.data_dir),
+            "log_level": "warn",
+            "access_log_file": "/dev/null",  # so request logging is not what gets measured
+            "shutdown_timeout": 5,
+            "wal_fsync": "always",
+        }
+        self.config.update(config)
+        if flavor != "hq-gevent":
+            for key in HQ_GEVENT_ONLY_KEYS:
+                self.config.pop(key, None)
+        self.proc = None
+        self.port = None
+
+    def start(self, timeout=30.0):
+        """Start and wait for `GET /` to answer; returns seconds from exec to the first answer."""
+        for attempt in range(3):  # a free port can be taken between choosing and binding
+            if self.port is None or attempt:
+                self.port = free_port()
+            self.config["addr"] = f"{HOST}:{self.port}"
+            self.config_path.write_text(toml_dumps(self.config))
+            cmd = [arg.replace("{config}", str(self.config_path)) for arg in shlex.split(self.template)]
+            env = dict(os.environ)
+            env.pop("HQ_CONFIG", None)
+            if self.template == DEFAULT_SERVER:
+                env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+            t0 = time.monotonic()
+            self.proc = spawn(cmd, self.log_path, env=env)
+            log(f"started {self.name} pid {self.proc.pid}: {' '.join(cmd)}")
+            deadline = t0 + timeout
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    break
+                try:
+                    if load.get(HOST, self.port, "/", timeout=2)[0] == 200:
+                        return time.monotonic() - t0
+                except (ConnectionError, OSError, ValueError):
+                    pass
+                gevent.sleep(0.01)
+            else:
+                stop(self.proc)
+                raise RuntimeError(f"{self.name} not answering after {timeout}s:\n{tail(self.log_path)}")
+            children.remove(self.proc)
+        raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{tail(self.log_path)}")
+
+    def get_json(self, path, timeout=30):
+        status, body = load.get(HOST, self.port, path, timeout=timeout)
+        return status, json.loads(body)
+
+    def rss(self):
+        return rss_bytes(self.proc.pid)
+
+    def stop(self):
+        if self.proc is not None:
+            stop(self.proc, timeout=self.config.get("shutdown_timeout", 10) + 10)
+
+
+# --- building blocks ------------------------------------------------------------------------
+
+def push_requests(worker, n):
+    """n prebuilt `POST /job` requests. Names alternate foo-*/bar-* for the list filters."""
+    reqs = []
+    for i in range(n):
+        job = {"url": f"{worker.url}/job", "name": f"{'foo' if i % 2 else 'bar'}-{i % 10}", "payload": {"i": i}}
+        body = json.dumps(job, separators=(",", ":")).encode()
+        reqs.append(load.build_request("POST", "/job", body, {"Content-Type": "application/json"}))
+    return reqs
+
+
+def push(server, worker, n, opts, deadline_s):
+    """Push n jobs; returns (load.Result, [(sent time, id) of acknowledged pushes])."""
+    reqs = push_requests(worker, n)
+    res = load.run(HOST, server.port, reqs, opts.concurrency, deadline_s, keep_bodies=True)
+    acked = []
+    for sent, status, body in zip(res.sent, res.status, res.body):
+        if status == 200:
+            acked.append((sent, json.loads(body)["id"]))
+    return res, acked
+
+
+def wait_delivered(worker, ids, deadline):
+    """Poll the worker until every id has arrived; returns the arrivals map (maybe incomplete)."""
+    want = len(ids)
+    while time.monotonic() < deadline:
+        if worker.stats()["unique"] >= want:
+            arrivals = worker.arrivals()
+            if all(i in arrivals for i in ids):
+                return arrivals
+            gevent.sleep(0.2)  # extra ids arrived (failed pushes that were stored); keep waiting
+        else:
+            gevent.sleep(0.005)
+    return worker.arrivals()
+
+
+def wait_job_status(server, job_id, status, deadline):
+    while time.monotonic() < deadline:
+        code, job = server.get_json(f"/job/{job_id}")
+        if code == 200 and job.get("status") == status:
+            return True
+        gevent.sleep(0.005)
+    return False
+
+
+def wait_idle(server, deadline):
+    """Until the server reports nothing waiting or running (1.x /stats names)."""
+    while time.monotonic() < deadline:
+        code, stats = server.get_json("/stats")
+        if code == 200 and stats.get("numWaitingJobs") == 0 and stats.get("numRunningJobs") == 0:
+            return True
+        gevent.sleep(0.02)
+    return False
+
+
+def delivery_figures(acked, arrivals):
+    ids = {i for _, i in acked}
+    return {
+        "lost": sum(1 for i in ids if i not in arrivals),
+        "duplicates": sum(c - 1 for c, _ in arrivals.values()),
+        "unexpected": sum(1 for i in arrivals if i not in ids),
+    }
+
+
+def ms(seconds):
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def r(x, nd=1):
+    return None if x is None else round(x, nd)
+
+
+# --- scenarios ------------------------------------------------------------------------------
+
+def sc_push(ctx, side):
+    """Acknowledged (durable) pushes per second and POST /job latency; no waiting for dispatch."""
+    n = ctx.n("push")
+    worker = ctx.worker()
+    server = ctx.server(side, "push", ctx.config("push", n))
+    res, acked = push(server, worker, n, ctx.opts, ctx.opts.timeout)
+    lat = res.latencies()
+    return {
+        "pushes_per_s": r(len(acked) / res.elapsed),
+        "push_p50_ms": ms(load.percentile(lat, 50)),
+        "push_p99_ms": ms(load.percentile(lat, 99)),
+        "errors": n - len(acked),
+        "client_cpu": r(res.cpu, 2),
+    }
+
+
+def sc_e2e(ctx, side):
+    """Push n jobs until the worker has every one and the last reads success."""
+    n = ctx.n("e2e")
+    worker = ctx.worker()
+    server = ctx.server(side, "e2e", ctx.config("e2e", n))
+    t_end = time.monotonic() + ctx.opts.timeout
+    res, acked = push(server, worker, n, ctx.opts, ctx.opts.timeout)
+    push_end = time.monotonic()
+    t_start = min(s for s, _ in acked) if acked else push_end
+    arrivals = wait_delivered(worker, [i for _, i in acked], t_end)
+    done = wait_job_status(server, acked[-1][1], "success", t_end) if acked else False
+    t_done = time.monotonic()
+    lat = [arrivals[i][1] - sent for sent, i in acked if i in arrivals]
+    figures = {
+        "jobs_per_s": r(len(acked) / (t_done - t_start)) if done else None,
+        "pushes_per_s": r(len(acked) / (push_end - t_start)),
+        "latency_p50_ms": ms(load.percentile(lat, 50)),
+        "latency_p99_ms": ms(load.percentile(lat, 99)),
+        "errors": n - len(acked) + (0 if done else 1),
+        "client_cpu": r(res.cpu, 2),
+    }
+    figures.update(delivery_figures(acked, arrivals))
+    return figures
+
+
+def sc_slow(ctx, side):
+    """n jobs whose worker holds each for --slow-ms, with ample max_workers: total vs ideal."""
+    n = ctx.n("slow")
+    sleep_s = ctx.opts.slow_ms / 1000.0
+    worker = ctx.worker(sleep_ms=ctx.opts.slow_ms)
+    server = ctx.server(side, "slow", ctx.config("slow", n))
+    t_end = time.monotonic() + ctx.opts.timeout
+    res, acked = push(server, worker, n, ctx.opts, ctx.opts.timeout)
+    push_end = time.monotonic()
+    t_start = min(s for s, _ in acked) if acked else push_end
+    arrivals = wait_delivered(worker, [i for _, i in acked], t_end)
+    idle = wait_idle(server, t_end)
+    t_done = time.monotonic()
+    stats = worker.stats()
+    ideal = (push_end - t_start) + sleep_s
+    figures = {
+        "total_s": r(t_done - t_start, 3) if idle else None,
+        "push_s": r(push_end - t_start, 3),
+        "ideal_s": r(ideal, 3),
+        "overhead_s": r(t_done - t_start - ideal, 3) if idle else None,
+        "max_concurrency": stats["maxConcurrency"],
+        "errors": n - len(acked) + (0 if idle else 1),
+    }
+    figures.update(delivery_figures(acked, arrivals))
+    return figures
+
+
+def populate(ctx, side, scenario):
+    """A server holding n finished jobs; shared by memory and list within one round."""
+    n = ctx.n(scenario)
+    key = (side, n)
+    if key in ctx.populated:
+        return ctx.populated[key]
+    worker = ctx.worker()
+    server = ctx.server(side, scenario, ctx.config(scenario, n), keep=True)
+    gevent.sleep(0.5)  # let start-up allocations settle before the idle reading
+    rss0 = server.rss()
+    t_end = time.monotonic() + ctx.opts.timeout
+    res, acked = push(server, worker, n, ctx.opts, ctx.opts.timeout)
+    arrivals = wait_delivered(worker, [i for _, i in acked], t_end)
+    idle = wait_idle(server, t_end)
+    info = {"server": server, "n": n, "rss0": rss0, "acked": acked, "arrivals": arrivals, "idle": idle, "res": res}
+    ctx.populated[key] = info
+    return info
+
+
+def sc_memory(ctx, side):
+    """RSS per stored job after n jobs; then restart: time to first answer and RSS reloaded."""
+    info = populate(ctx, side, "memory")
+    server, n = info["server"], info["n"]
+    rss1 = server.rss()
+    server.stop()
+    restart_s = server.start()
+    code, stats = server.get_json("/stats")
+    gevent.sleep(0.5)
+    rss2 = server.rss()
+    figures = {
+        "rss_idle_mb": r(info["rss0"] / 2**20),
+        "rss_mb": r(rss1 / 2**20),
+        "bytes_per_job": r((rss1 - info["rss0"]) / n, 0),
+        "restart_s": r(restart_s, 3),
+        "rss_restarted_mb": r(rss2 / 2**20),
+        "jobs_after_restart": stats.get("numJobs"),
+        "errors": n - len(info["acked"]) + (0 if info["idle"] else 1) + (0 if stats.get("numJobs") == n else 1),
+    }
+    figures.update(delivery_figures(info["acked"], info["arrivals"]))
+    return figures
+
+
+LIST_QUERIES = [
+    ("first100", "/job?limit=100", 100),
+    ("reverse100", "/job?limit=100&reverse=true", 100),
+    ("name_foo", "/job?limit=100&name=%5Efoo", 100),
+    ("nomatch_scan", "/job?limit=100&name=%5Enomatch-", 0),
+]
+
+
+def sc_list(ctx, side):
+    """Latency of `GET /job` pages over n stored jobs, including a filter that matches nothing."""
+    info = populate(ctx, side, "list")
+    server, n = info["server"], info["n"]
+    figures, errors = {}, 0
+    for label, path, want in LIST_QUERIES:
+        raw = load.build_request("GET", path)
+        conn = load.Conn(HOST, server.port, timeout=60)
+        times = []
+        t_stop = time.monotonic() + ctx.opts.list_seconds
+        try:
+            while len(times) < ctx.opts.list_reps and (len(times) < 3 or time.monotonic() < t_stop):
+                t0 = time.monotonic()
+                status, body = conn.request(raw)
+                times.append(time.monotonic() - t0)
+                if status != 200 or len(json.loads(body)["jobs"]) != min(want, n):
+                    errors += 1
+        finally:
+            conn.close()
+        figures[f"{label}_p50_ms"] = ms(statistics.median(times))
+    figures["errors"] = errors + n - len(info["acked"])
+    return figures
+
+
+WRK_LUA = """wrk.method = "POST"
+wrk.body = '{"i":1}'
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+
+def wrk(url, seconds, concurrency, workdir, post=False):
+    """wrk's requests/s and p50/p99 (s), or None when wrk is not installed."""
+    if not shutil.which("wrk"):
+        return None
+    cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--latency"]
+    if post:
+        script = Path(workdir) / "post.lua"
+        script.write_text(WRK_LUA)
+        cmd += ["-s", str(script)]
+    proc = spawn(cmd + [url], Path(workdir) / "wrk.log", stdout=subprocess.PIPE)
+    out, _ = proc.communicate(timeout=seconds + 30)
+    children.remove(proc)
+    text = out.decode()
+    m = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    if not m:
+        raise RuntimeError(f"cannot read wrk output:\n{text}")
+
+    def lat(p):
+        mm = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+        if not mm:
+            return None
+        return float(mm.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[mm.group(2)]
+
+    return float(m.group(1)), lat(50), lat(99)
+
+
+def sc_baseline(ctx, side):
+    """The machine's limit: the bench client vs wrk against a trivial gevent.pywsgi app and the worker."""
+    secs, conc = ctx.opts.baseline_seconds, ctx.opts.concurrency
+    figures = {}
+    get_raw = load.build_request("GET", "/")
+    post_raw = load.build_request("POST", "/job", b'{"i":1}', {"Content-Type": "application/json"})
+    for label, trivial, raw in (("trivial", True, get_raw), ("worker", False, post_raw)):
+        app = ctx.worker(trivial=trivial)
+        rps, p50, p99, cpu, errors = load.run_for(HOST, app.port, raw, secs, conc)
+        figures[f"{label}_client_rps"] = r(rps)
+        figures[f"{label}_client_p50_ms"] = ms(p50)
+        figures[f"{label}_client_cpu"] = r(cpu, 2)
+        w = wrk(f"{app.url}/" if trivial else f"{app.url}/job", secs, conc, ctx.workdir, post=not trivial)
+        figures[f"{label}_wrk_rps"] = r(w[0]) if w else None
+        figures[f"{label}_wrk_p50_ms"] = ms(w[1]) if w else None
+        # Near 1.0: the bench client drives the app as hard as wrk does, so it is not the limit.
+        figures[f"{label}_client_vs_wrk"] = r(rps / w[0], 2) if w else None
+        figures["errors"] = figures.get("errors", 0) + errors
+        app.close()
+    return figures
+
+
+RUNNERS = {"baseline": sc_baseline, "push": sc_push, "e2e": sc_e2e, "slow": sc_slow, "memory": sc_memory, "list": sc_list}
+
+
+# --- orchestration --------------------------------------------------------------------------
+
+class Context:
+    def __init__(self, opts, workdir):
+        self.opts = opts
+        self.workdir = Path(workdir)
+        self.sides = {"A": (opts.server, opts.server_flavor)}
+        if opts.compare:
+            self.sides["B"] = (opts.compare, opts.compare_flavor)
+        self.sizes = dict(SIZES["quick" if opts.quick else "full"])
+        self.sizes.update(opts.sizes)
+        self.populated = {}
+        self._run_objs = []
+        self._seq = 0
+
+    def n(self, scenario):
+        return self.sizes[scenario]
+
+    def config(self, scenario, n):
+        cfg = dict(CONFIGS[scenario])
+        if cfg.get("max_workers", 0) is None:
+            cfg["max_workers"] = max(n, 1)
+        cfg["queues"] = max(8192, n)  # a queue that holds the whole run, for every server alike
+        for key, value in self.opts.set:
+            scope, _, name = key.rpartition(".")
+            if not scope or scope == scenario:
+                cfg[name] = value
+        return cfg
+
+    def worker(self, sleep_ms=0, trivial=False):
+        self._seq += 1
+        w = Worker(self.workdir, sleep_ms, trivial, name=f"worker{self._seq}")
+        self._run_objs.append(w)
+        return w
+
+    def server(self, side, scenario, config, keep=False):
+        self._seq += 1
+        template, flavor = self.sides[side]
+        srv = Server(template, flavor, self.workdir, f"{scenario}-{side}-{self._seq}", config)
+        srv.start()
+        if not keep:
+            self._run_objs.append(srv)
+        return srv
+
+    def end_run(self):
+        """Stop the processes of one scenario run and drop its data dirs."""
+        for obj in self._run_objs:
+            obj.stop() if isinstance(obj, Server) else obj.close()
+            if isinstance(obj, Server):
+                shutil.rmtree(obj.data_dir, ignore_errors=True)
+        self._run_objs = []
+
+    def end_round(self):
+        for info in self.populated.values():
+            info["server"].stop()
+            shutil.rmtree(info["server"].data_dir, ignore_errors=True)
+        self.populated = {}
+
+
+def median_figures(runs):
+    out = {}
+    for key in runs[0]:
+        values = [run[key] for run in runs if run.get(key) is not None]
+        if not values:
+            out[key] = None
+        elif key in ("lost", "duplicates", "unexpected", "errors"):
+            out[key] = sum(values)  # correctness counts add up; a single lost job must show
+        else:
+            out[key] = r(statistics.median(values), 3)
+    return out
+
+
+def fmt(v):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.3f}".rstrip("0").rstrip(".") if abs(v) < 100 else f"{v:,.0f}"
+    return str(v)
+
+
+def print_table(results, compare):
+    rows = []
+    for res in results:
+        if compare:
+            a, b = res["a"]["figures"], res["b"]["figures"]
+            for key in a:
+                better = "lower" if LOWER_IS_BETTER.search(key) else "higher"
+                rows.append((res["scenario"], key, fmt(a[key]), fmt(b.get(key)), fmt(res["ratio"].get(key)), better))
+        else:
+            for key, value in res["figures"].items():
+                rows.append((res["scenario"], key, fmt(value)))
+    head = ("scenario", "figure", "A", "B", "A/B", "better") if compare else ("scenario", "figure", "value")
+    widths = [max(len(str(row[i])) for row in rows + [head]) for i in range(len(head))]
+    for row in [head] + rows:
+        print("  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+
+
+def parse_sizes(text):
+    """`--n 500` sets every scenario; `--n push=5000,list=100000` sets some."""
+    if text is None:
+        return {}
+    if "=" not in text:
+        return {name: int(text) for name in SIZES["full"]}
+    sizes = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name not in SIZES["full"]:
+            raise argparse.ArgumentTypeError(f"unknown scenario in --n: {name}")
+        sizes[name] = int(value)
+    return sizes
+
+
+def parse_set(text):
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError("--set wants KEY=VALUE")
+    try:
+        value = json.loads(value)
+    except ValueError:
+        pass  # a bare string
+    return key, value
+
+
+def flavor_of(template, flavor):
+    if flavor != "auto":
+        return flavor
+    return "hq-gevent" if re.search(r"hq[-_]gevent", template) else "hq1"
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python3 -m bench", description="Load-test an HQ-compatible job queue server.")
+    p.add_argument("scenarios", nargs="*", help=f"which to run (default: all): {' '.join(SCENARIOS)}")
+    p.add_argument("--server", default=DEFAULT_SERVER, help="server command template with {config} (default: hq-gevent)")
+    p.add_argument("--compare", help="a second server command template; runs A and B alternately")
+    p.add_argument("--server-flavor", default="auto", choices=["auto", "hq-gevent", "hq1"],
+                   help="hq1 omits config keys a 1.x server does not know (auto: by the command's name)")
+    p.add_argument("--compare-flavor", default="auto", choices=["auto", "hq-gevent", "hq1"])
+    p.add_argument("--rounds", type=int, default=None, help="runs per scenario and server (default 1; 3 with --compare)")
+    p.add_argument("--quick", action="store_true", help="small sizes (seconds per scenario)")
+    p.add_argument("--n", dest="sizes", type=parse_sizes, default={}, help="jobs: N for every scenario, or name=N,...")
+    p.add_argument("--set", action="append", type=parse_set, default=[], metavar="[SCENARIO.]KEY=VALUE",
+                   help="override a server config key (value as JSON, else a string)")
+    p.add_argument("--concurrency", type=int, default=64, help="client connections (default 64)")
+    p.add_argument("--slow-ms", type=float, default=1000, help="worker hold time in the slow scenario (default 1000)")
+    p.add_argument("--baseline-seconds", type=float, default=None, help="per baseline measurement (default 3; 1 with --quick)")
+    p.add_argument("--list-reps", type=int, default=20, help="max repetitions per list query")
+    p.add_argument("--list-seconds", type=float, default=5, help="time budget per list query (at least 3 repetitions)")
+    p.add_argument("--timeout", type=float, default=300, help="bound on each scenario's pushing and waiting (s)")
+    p.add_argument("--json", dest="json_out", help="also append the JSON lines to this file")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs)")
+    return p
+
+
+def main(argv=None):
+    opts = build_parser().parse_args(argv)
+    for name in opts.scenarios:
+        if name not in SCENARIOS:
+            build_parser().error(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}")
+    scenarios = [s for s in SCENARIOS if s in (opts.scenarios or SCENARIOS)]
+    if opts.rounds is None:
+        opts.rounds = 3 if opts.compare else 1
+    if opts.compare and opts.rounds < 3:
+        build_parser().error("--compare needs --rounds >= 3")
+    if opts.baseline_seconds is None:
+        opts.baseline_seconds = 1.0 if opts.quick else 3.0
+    opts.server_flavor = flavor_of(opts.server, opts.server_flavor)
+    if opts.compare:
+        opts.compare_flavor = flavor_of(opts.compare, opts.compare_flavor)
+
+    main_greenlet = gevent.getcurrent()
+    # SIGTERM behaves like Ctrl-C: unwind through the finally below, which kills every child.
+    gevent.signal_handler(signal.SIGTERM, lambda: main_greenlet.throw(KeyboardInterrupt))
+    workdir = tempfile.mkdtemp(prefix="hq-bench-")
+    ctx = Context(opts, workdir)
+    results = []
+    try:
+        runs = {s: {side: [] for side in ctx.sides} for s in scenarios}
+        for rnd in range(opts.rounds):
+            for scenario in scenarios:
+                # baseline measures the machine, not a server: once per round.
+                for side in (["A"] if scenario == "baseline" else ctx.sides):
+                    log(f"{scenario} [{side}] round {rnd + 1}/{opts.rounds}")
+                    try:
+                        runs[scenario][side].append(RUNNERS[scenario](ctx, side))
+                    finally:
+                        ctx.end_run()
+            ctx.end_round()
+        for scenario in scenarios:
+            res = {"scenario": scenario, "rounds": opts.rounds}
+            if scenario != "baseline":
+                res["n"] = ctx.n(scenario)
+                res["config"] = ctx.config(scenario, ctx.n(scenario))
+            a = median_figures(runs[scenario]["A"])
+            if opts.compare and scenario != "baseline":
+                b = median_figures(runs[scenario]["B"])
+                res["a"] = {"server": opts.server, "figures": a, "runs": runs[scenario]["A"]}
+                res["b"] = {"server": opts.compare, "figures": b, "runs": runs[scenario]["B"]}
+                res["ratio"] = {k: (r(a[k] / b[k], 3) if a[k] is not None and b.get(k) else None) for k in a}
+            else:
+                res["server"] = None if scenario == "baseline" else opts.server
+                res["figures"] = a
+                if opts.rounds > 1:
+                    res["runs"] = runs[scenario]["A"]
+            results.append(res)
+    except KeyboardInterrupt:
+        log("interrupted; stopping child processes")
+        return 130
+    finally:
+        ctx.end_run()
+        cleanup()
+        if opts.keep:
+            log(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    if opts.compare:
+        plain = [res for res in results if "ratio" not in res]
+        if plain:
+            print_table(plain, False)
+            print()
+        print_table([res for res in results if "ratio" in res], True)
+    else:
+        print_table(results, False)
+    lines = [json.dumps(res, separators=(",", ":")) for res in results]
+    for line in lines:
+        print(line)
+    if opts.json_out:
+        with open(opts.json_out, "a") as f:
+            f.write("".join(line + "\n" for line in lines))
+    return 0

@@ -1,0 +1,118 @@
+"""Dispatchers: consumers of the job queue, each with a greenlet pool bounding its requests."""
+import logging
+
+import gevent
+import gevent.event
+import gevent.pool
+
+from hq_gevent import wal
+from hq_gevent.delivery import Delivery, DeliveryError, outcome_text, reason_phrase
+from hq_gevent.store import JobConflict
+
+log = logging.getLogger("hq_gevent")
+
+
+class JobStopped(gevent.GreenletExit):
+    """Raised into a worker request greenlet to abort it (a GreenletExit, so the hub stays quiet)."""
+
+
+class Dispatchers:
+    def __init__(self, store, config):
+        self.store = store
+        self.config = config
+        self.delivery = Delivery(config.max_output_bytes)
+        self.pools = [gevent.pool.Pool(max(1, config.max_workers)) for _ in range(config.dispatchers)]
+        self.loops = []
+        self.requests = {}  # job id -> greenlet of its worker request (killed by stop)
+        self.finished = {}  # job id -> Event set when its outcome is recorded
+
+    @property
+    def in_flight(self):
+        return len(self.requests)
+
+    def start(self):
+        self.loops = [gevent.spawn(self._consume, pool) for pool in self.pools]
+
+    def _consume(self, pool):
+        queue, store = self.store.queue, self.store
+        while True:
+            pool.wait_available()
+            job = queue.get()
+            if store.take(job):
+                self.finished[job.id] = gevent.event.Event()
+                pool.spawn(self._run, job)
+
+    def _run(self, job):
+        done = self.finished[job.id]
+        try:
+            if job.canceled:  # stopped between being taken and starting
+                state = job.finished_state(canceled=True, err="The job was stopped before it started")
+            else:
+                state = self._deliver(job)
+            try:
+                self.store.finish(job, state)
+            except wal.WalError as e:
+                log.error("The outcome of job %d could not be logged (it will run again after a restart): %s", job.id, e)
+        finally:
+            del self.finished[job.id]
+            done.set()
+
+    def _deliver(self, job):
+        request = gevent.spawn(self._attempt, job)
+        self.requests[job.id] = request
+        try:
+            request.join()
+        finally:
+            del self.requests[job.id]
+        result = request.value
+        if isinstance(result, JobStopped):
+            return job.finished_state(canceled=True, err="The job was stopped while it was running")
+        if isinstance(result, Exception):
+            return job.finished_state(failure=True, err=str(result))
+        output = outcome_text(result, self.config.max_output_bytes)
+        if 200 <= result.status < 300:
+            return job.finished_state(success=True, status_code=result.status, output=output)
+        return job.finished_state(failure=True, status_code=result.status, output=output, err=reason_phrase(result))
+
+    def _attempt(self, job):
+        """The worker request's Response, or the exception that stands for its outcome."""
+        try:
+            return self.delivery.send(job.id, job.url, job.payload, job.headers, job.timeout)
+        except DeliveryError as e:
+            return e
+        except Exception as e:
+            log.exception("Delivering job %d failed unexpectedly", job.id)
+            return DeliveryError(f"failed to do http request: internal error: {e!r}")
+
+    def stop(self, job_id):
+        """Cancel a waiting job, or abort a running one; returns once its outcome is recorded."""
+        with self.store.exclusive(job_id):
+            job = self.store.get(job_id)
+            if job.running:
+                job.canceled = True
+                request = self.requests.get(job.id)
+                if request is not None:
+                    request.kill(JobStopped, block=False)
+                done = self.finished.get(job.id)
+                if done is not None:
+                    done.wait(timeout=10)
+            elif job.waiting:
+                self.store.cancel_waiting(job)
+            else:
+                raise JobConflict(f"The job {job.id} is not active")
+
+    def shutdown(self, timeout):
+        """Take no more jobs; give running ones `timeout` seconds, then abandon them unrecorded
+        (the log still has them waiting, so they run after the next start)."""
+        gevent.killall(self.loops)
+        deadline_pools = [pool for pool in self.pools if len(pool)]
+        with gevent.Timeout(timeout, False):
+            for pool in deadline_pools:
+                pool.join()
+        abandoned = sum(len(pool) for pool in self.pools)
+        if abandoned:
+            log.warning("Shutdown timeout: %d running jobs left unfinished; they run again at the next start", abandoned)
+        for pool in self.pools:
+            pool.kill(block=False)
+        gevent.killall(list(self.requests.values()), block=False)
+        return abandoned

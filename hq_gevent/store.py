@@ -1,0 +1,363 @@
+"""The job store: every job in an in-memory index (ids ascending), every change through the log.
+
+A change is applied to memory only once its log record is durable (the WAL calls back in
+log order), so what the API shows never runs ahead of what a restart would load.
+"""
+import bisect
+import collections
+import contextlib
+import logging
+import os
+
+import gevent
+import gevent.event
+import gevent.queue
+
+from hq_gevent import wal
+from hq_gevent.ids import IdGenerator, now_ms, timestamp_ms
+from hq_gevent.job import STATUSES, Job
+
+log = logging.getLogger("hq_gevent")
+
+LOG_NAME = "jobs.jsonl"
+SCAN_SLICE = 5000  # jobs examined between yields, so a long list scan does not stall serving
+
+
+class JobNotFound(Exception):
+    def __init__(self, job_id):
+        super().__init__(f"The job '{job_id}' is not found")
+
+
+class JobConflict(Exception):
+    """The job's state forbids the change (running, waiting, not active)."""
+
+
+class Store:
+    def __init__(self, data_dir, config):
+        self.config = config
+        self.jobs = {}
+        self.ids = []  # sorted: ids grow in push order, so this is also creation order
+        self.ids_gen = IdGenerator(config.server_id)
+        self.wal = wal.WriteAheadLog(os.path.join(data_dir, LOG_NAME), config.wal_fsync)
+        self.live_bytes = 0  # bytes the log would hold if rewritten now
+        self.queue = gevent.queue.Queue(maxsize=config.queues)
+        self.backlog = collections.deque()  # waiting jobs that did not fit in the queue, in order
+        self._backlog_ready = gevent.event.Event()
+        self.num_waiting = 0
+        self.num_running = 0
+        self._busy = {}  # job id -> Event: one API change at a time per job
+        self._greenlets = []
+
+    # --- start and stop ----------------------------------------------------------------
+    def load(self):
+        self.wal.load(self._replay)
+        for job_id in self.ids:
+            job = self.jobs[job_id]
+            if job.waiting:
+                self.num_waiting += 1
+                self._enqueue(job)
+        if self.ids:
+            self.ids_gen.observe(self.ids[-1])
+
+    def _replay(self, rec, size):
+        op = rec[0]
+        if op == "p":
+            job = Job.from_record(rec)
+            old = self.jobs.get(job.id)
+            if old is None:
+                self._insert_id(job.id)
+            else:
+                self.live_bytes -= old.record_size
+            job.record_size = size
+            self.live_bytes += size
+            self.jobs[job.id] = job
+        elif op == "d" and len(rec) == 2:
+            # A delete of an unknown id is legitimate: compaction may already have left it out.
+            old = self.jobs.pop(rec[1], None)
+            if old is not None:
+                self._remove_ids([old.id])
+                self.live_bytes -= old.record_size
+        else:
+            raise ValueError(f"unknown record type {op!r}")
+
+    def open(self, threadpool):
+        self.wal.open(threadpool)
+        self._greenlets = [gevent.spawn(self._feed_queue), gevent.spawn(self._compact_when_due)]
+        if self.config.job_lifetime:
+            self._greenlets.append(gevent.spawn(self._expire_old_jobs))
+
+    def close(self):
+        gevent.killall(self._greenlets)
+        self.wal.close()
+
+    # --- the queue ----------------------------------------------------------------------
+    def _enqueue(self, job):
+        # A full queue never blocks or fails a push: the job waits in the backlog, in order.
+        if self.backlog or self.queue.full():
+            self.backlog.append(job)
+            self._backlog_ready.set()
+        else:
+            self.queue.put_nowait(job)
+
+    def _feed_queue(self):
+        while True:
+            self._backlog_ready.wait()
+            while self.backlog:
+                self.queue.put(self.backlog[0])  # keep it at the head until it is in, so order holds
+                self.backlog.popleft()
+            self._backlog_ready.clear()
+
+    def queue_usage(self):
+        return self.queue.qsize()
+
+    # --- index --------------------------------------------------------------------------
+    def _insert_id(self, job_id):
+        if not self.ids or job_id > self.ids[-1]:
+            self.ids.append(job_id)
+        else:
+            bisect.insort(self.ids, job_id)
+
+    def _remove_ids(self, job_ids):
+        if len(job_ids) < 16:
+            for job_id in job_ids:
+                i = bisect.bisect_left(self.ids, job_id)
+                if i < len(self.ids) and self.ids[i] == job_id:
+                    del self.ids[i]
+        else:
+            doomed = set(job_ids)
+            self.ids = [i for i in self.ids if i not in doomed]
+
+    def get(self, job_id):
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+    # --- changes ------------------------------------------------------------------------
+    def _log_put(self, job, record, then):
+        """Append a job's record; when durable, account its size and run `then`."""
+        line = wal.encode(record)
+
+        def apply():
+            self.live_bytes += len(line) - job.record_size
+            job.record_size = len(line)
+            then()
+
+        self.wal.append(line, apply)
+
+    @contextlib.contextmanager
+    def exclusive(self, job_id):
+        """Serialize API changes of one job (stop, restart, delete) across their log write."""
+        while job_id in self._busy:
+            self._busy[job_id].wait()
+        done = self._busy[job_id] = gevent.event.Event()
+        try:
+            yield
+        finally:
+            del self._busy[job_id]
+            done.set()
+
+    def _log_waiting(self, job, record):
+        """Log `job` as freshly waiting; once durable it is indexed (again) and enqueued."""
+        def stored():
+            job.reset()
+            if self.jobs.get(job.id) is not job:
+                self.jobs[job.id] = job
+                self._insert_id(job.id)
+            self.num_waiting += 1
+            self._enqueue(job)
+
+        self._log_put(job, record, stored)
+
+    def push(self, name, comment, url, payload, headers, timeout):
+        """Store a new job durably and enqueue it; returns its view as enqueued."""
+        job = Job(self.ids_gen.next_id(), name, comment, url, payload, headers, timeout)
+        view = job.to_dict()
+        self._log_waiting(job, job.to_record())
+        return view
+
+    def restart(self, job_id, copy=False):
+        with self.exclusive(job_id):
+            job = self.get(job_id)
+            self._refuse_active(job)
+            # The response and the record show the job as it will stand once enqueued.
+            fresh = job.copy(self.ids_gen.next_id() if copy else job.id)
+            self._log_waiting(fresh if copy else job, fresh.to_record())
+            return fresh.to_dict()
+
+    def delete(self, job_id):
+        with self.exclusive(job_id):
+            job = self.get(job_id)
+            self._refuse_active(job)
+            self._log_deletes([job])
+
+    def _log_deletes(self, jobs):
+        def removed():
+            for job in jobs:
+                if self.jobs.pop(job.id, None) is not None:
+                    self.live_bytes -= job.record_size
+            self._remove_ids([job.id for job in jobs])
+
+        self.wal.append(b"".join(wal.encode(["d", job.id]) for job in jobs), removed)
+
+    @staticmethod
+    def _refuse_active(job):
+        if job.running:
+            raise JobConflict(f"The job {job.id} is running now")
+        if job.waiting:
+            raise JobConflict(f"The job {job.id} is waiting now")
+
+    def cancel_waiting(self, job):
+        """Stop a job that has not started: it is never sent."""
+        job.canceled = True  # shows "canceling" and makes a dispatcher skip it meanwhile
+        finished = job.finished_state(canceled=True, err="The job was stopped before it started")
+
+        def canceled():
+            if job.waiting and not job.running:
+                job.apply_finish(*finished)
+                self.num_waiting -= 1
+
+        try:
+            self._log_put(job, job.to_record(finished), canceled)
+        except wal.WalError:
+            job.canceled = False
+            self._enqueue(job)  # a dispatcher may have skipped it; a duplicate entry is skipped too
+            raise
+
+    # --- the dispatcher's side ----------------------------------------------------------
+    def take(self, job):
+        """A dispatcher took `job` from the queue: True if it is to be sent now."""
+        if not job.waiting or job.running or job.canceled or self.jobs.get(job.id) is not job:
+            return False
+        job.waiting, job.running = False, True
+        job.started_at = now_ms()
+        self.num_waiting -= 1
+        self.num_running += 1
+        return True
+
+    def finish(self, job, state):
+        """Record a sent job's outcome (a job.finished_state tuple). On a log failure the
+        job stays as the log has it (waiting), so it runs again after a restart."""
+        def finished():
+            job.apply_finish(*state)
+
+        try:
+            self._log_put(job, job.to_record(state), finished)
+        except wal.WalError:
+            job.running, job.waiting, job.started_at = False, True, None
+            self.num_waiting += 1
+            raise
+        finally:
+            self.num_running -= 1
+
+    # --- queries ------------------------------------------------------------------------
+    def list_jobs(self, begin=None, reverse=False, limit=0, match=None):
+        """(jobs, next_id): walk from `begin` in id order keeping jobs that `match`, until
+        `limit` matched (0 = all). next_id is the stored id after the last one examined
+        when the limit stopped the walk and more jobs follow, else None."""
+        found = []
+        position = self._start_position(begin, reverse)
+        step = -1 if reverse else 1
+        examined = 0
+        while 0 <= position < len(self.ids):
+            job = self.jobs[self.ids[position]]
+            position += step
+            if match is None or match(job):
+                found.append(job)
+                if limit and len(found) >= limit:
+                    break
+            examined += 1
+            if examined % SCAN_SLICE == 0:
+                last = job.id
+                gevent.sleep(0)  # let others run; the index may change meanwhile
+                position = self._after(last, reverse)
+        next_id = self.ids[position] if limit and len(found) >= limit and 0 <= position < len(self.ids) else None
+        return found, next_id
+
+    def _start_position(self, begin, reverse):
+        if begin is None:
+            return len(self.ids) - 1 if reverse else 0
+        if reverse:
+            return bisect.bisect_right(self.ids, begin) - 1
+        return bisect.bisect_left(self.ids, begin)
+
+    def _after(self, job_id, reverse):
+        if reverse:
+            return bisect.bisect_left(self.ids, job_id) - 1
+        return bisect.bisect_right(self.ids, job_id)
+
+    # --- background work ----------------------------------------------------------------
+    def compaction_due(self):
+        size = self.wal.size
+        return size > self.config.wal_compact_min_bytes and size > self.config.wal_compact_ratio * self.live_bytes
+
+    def compact(self):
+        before = self.wal.size
+        log.info("Compacting %s (%d bytes, %d live)", self.wal.path, before, self.live_bytes)
+        self.wal.rewrite(self._snapshot())
+        log.info("Compacted %s: %d -> %d bytes", self.wal.path, before, self.wal.size)
+
+    def _snapshot(self):
+        last = -1
+        while True:
+            start = bisect.bisect_right(self.ids, last)
+            chunk = self.ids[start:start + 1000]
+            if not chunk:
+                return
+            yield [wal.encode(self.jobs[job_id].to_record()) for job_id in chunk]
+            last = chunk[-1]
+
+    def _compact_when_due(self):
+        while True:
+            gevent.sleep(1)
+            if self.compaction_due():
+                try:
+                    self.compact()
+                except OSError as e:
+                    log.error("Compaction of %s failed, will retry: %s", self.wal.path, e)
+                    gevent.sleep(30)
+
+    def expire_old_jobs(self):
+        """Delete finished jobs whose finishedAt is older than job_lifetime."""
+        cutoff = now_ms() - self.config.job_lifetime * 1000
+        doomed = []
+        for job_id in self.ids:
+            if timestamp_ms(job_id) > cutoff:
+                break  # created after the cutoff: cannot have finished before it
+            job = self.jobs[job_id]
+            if not job.active and job.finished_at is not None and job.finished_at < cutoff:
+                doomed.append(job)
+        if doomed:
+            # One append, enqueued before any other change can interleave with the scan.
+            self._log_deletes(doomed)
+            log.info("Removed %d jobs finished more than %d seconds ago", len(doomed), self.config.job_lifetime)
+        return len(doomed)
+
+    def _expire_old_jobs(self):
+        while True:
+            gevent.sleep(self.config.job_lifetime_interval)
+            try:
+                self.expire_old_jobs()
+            except wal.WalError as e:
+                log.error("Removing expired jobs failed, will retry: %s", e)
+
+
+def status_matcher(name_re=None, term_re=None, status=None):
+    """A predicate for list_jobs, or None when nothing filters."""
+    if status is not None and status not in STATUSES:
+        raise ValueError(f"unknown status '{status}'")
+    if not (name_re or term_re or status):
+        return None
+
+    def match(job):
+        if status is not None and job.status != status:
+            return False
+        if name_re is not None and not name_re.search(job.name):
+            return False
+        if term_re is not None:
+            s = term_re.search
+            if not (s(job.name) or s(str(job.id)) or s(job.comment) or s(job.url) or s(job.status)):
+                return False
+        return True
+
+    return match

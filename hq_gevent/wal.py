@@ -1,0 +1,262 @@
+"""The write-ahead log: one JSON line per mutation, group-committed, with a crash-safe rewrite.
+
+Modelled on Redis' AOF: appends go to one writer greenlet that writes (and, under
+"always", fsyncs) everything pending in one batch, then wakes every waiter of that batch.
+The fsync runs in gevent's threadpool so the event loop keeps serving meanwhile.
+"""
+import logging
+import os
+
+import gevent
+import gevent.event
+import gevent.lock
+import ujson
+
+log = logging.getLogger("hq_gevent")
+
+READ_CHUNK = 8 << 20
+TEST_PAUSE_ENV = "HQ_GEVENT_TEST_COMPACT_PAUSE"
+
+
+class WalError(Exception):
+    """A log write failed (disk full, I/O error): the change it carried did not happen."""
+
+
+class WalCorrupt(Exception):
+    """The log has a bad record that is not a torn tail: refuse to start."""
+
+
+class _Batch:
+    __slots__ = ("lines", "callbacks", "done", "error")
+
+    def __init__(self):
+        self.lines = []
+        self.callbacks = []
+        self.done = gevent.event.Event()
+        self.error = None
+
+
+class WriteAheadLog:
+    def __init__(self, path, fsync="always"):
+        self.path = path
+        self.fsync_policy = fsync
+        self.size = 0  # bytes of whole records on disk; a failed write is cut back to this
+        self.fd = None
+        self._batch = _Batch()
+        self._wakeup = gevent.event.Event()
+        self._switch = gevent.lock.Semaphore()  # held by a batch write, and by a rewrite's switch-over
+        self._writer = self._syncer = None
+        self._closed = False
+        self._torn = False  # a failed write may have left a partial record past `size`
+        self._threadpool = None
+
+    # --- loading -------------------------------------------------------------------
+    def load(self, apply):
+        """Call apply(record, size_in_bytes) for each record in order; cut a torn last line; raise WalCorrupt on others."""
+        leftover = self.path + ".rewrite"
+        if os.path.exists(leftover):
+            log.warning("Removing %s left by an interrupted compaction; %s is intact", leftover, self.path)
+            os.unlink(leftover)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            good = self._replay(fd, apply)
+            end = os.fstat(fd).st_size
+            if good < end:
+                log.warning("%s: dropped a torn last record (%d bytes at offset %d) left by a crash mid-write",
+                            self.path, end - good, good)
+                os.ftruncate(fd, good)
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.size = good
+
+    def _replay(self, fd, apply):
+        """Returns the offset just past the last whole line."""
+        offset = 0
+        line_no = 0
+        tail = b""
+        while True:
+            chunk = os.read(fd, READ_CHUNK)
+            if not chunk:
+                return offset
+            lines = (tail + chunk).split(b"\n")
+            tail = lines.pop()  # no newline yet: maybe the rest is in the next chunk, maybe torn
+            for line in lines:
+                line_no += 1
+                try:
+                    apply(ujson.loads(line), len(line) + 1)
+                except (ValueError, TypeError, KeyError, IndexError) as e:
+                    raise WalCorrupt(f"{self.path}:{line_no}: bad record ({e}); refusing to start. "
+                                     "Move the file aside or repair that line.") from None
+                offset += len(line) + 1
+
+    # --- appending -----------------------------------------------------------------
+    def open(self, threadpool):
+        self._threadpool = threadpool
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self._writer = gevent.spawn(self._write_loop)
+        if self.fsync_policy == "everysec":
+            self._syncer = gevent.spawn(self._sync_every_second)
+
+    def append(self, line, on_durable=None):
+        """Queue one record (bytes ending in newline) and wait until it is written per the fsync policy.
+
+        on_durable runs in the writer, in log order, before any later batch is written:
+        the in-memory state therefore always equals a replay of the log up to `size`.
+        Raises WalError if the write failed; then on_durable is not called.
+        """
+        batch = self.enqueue(line, on_durable)
+        batch.done.wait()
+        if batch.error:
+            raise WalError(batch.error)
+
+    def enqueue(self, line, on_durable=None):
+        if self._closed:
+            raise WalError("the server is shutting down")
+        batch = self._batch
+        batch.lines.append(line)
+        if on_durable is not None:
+            batch.callbacks.append(on_durable)
+        self._wakeup.set()
+        return batch
+
+    def _write_loop(self):
+        while True:
+            self._wakeup.wait()
+            self._wakeup.clear()
+            batch = self._batch
+            if not batch.lines:
+                if self._closed:
+                    return
+                continue
+            self._batch = _Batch()
+            with self._switch:
+                self._commit(batch)
+
+    def _commit(self, batch):
+        data = b"".join(batch.lines)
+        try:
+            if self._torn:
+                self._cut_back()
+            if self.fsync_policy == "always":
+                self._threadpool.apply(self._write_and_sync, (data,))
+            else:
+                _write_fd(self.fd, data)
+        except OSError as e:
+            batch.error = f"cannot write the job log: {e.strerror or e}"
+            log.error("Writing %s failed: %s", self.path, batch.error)
+            self._torn = True
+            try:
+                self._cut_back()
+            except OSError as cut_error:
+                log.error("Cannot cut %s back to %d bytes: %s", self.path, self.size, cut_error)
+        else:
+            self.size += len(data)
+            for callback in batch.callbacks:
+                try:
+                    callback()
+                except Exception:
+                    log.exception("Applying a logged change failed")
+        batch.done.set()
+
+    def _write_and_sync(self, data):
+        _write_fd(self.fd, data)
+        os.fsync(self.fd)
+
+    def _cut_back(self):
+        # Remove a partly written record so the log still loads. If even that fails, the
+        # next batch tries again first (and fails itself rather than append after garbage).
+        if os.fstat(self.fd).st_size != self.size:
+            os.ftruncate(self.fd, self.size)
+        self._torn = False
+
+    def _sync_every_second(self):
+        while not self._closed:
+            gevent.sleep(1)
+            try:
+                self._threadpool.apply(os.fsync, (self.fd,))
+            except OSError as e:
+                log.error("fsync of %s failed: %s", self.path, e)
+
+    def close(self):
+        """Write what is pending, fsync, close. Later appends fail with WalError."""
+        if self.fd is None:
+            return
+        self._closed = True
+        self._wakeup.set()
+        self._writer.join()
+        if self._syncer:
+            self._syncer.kill()
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            log.error("fsync of %s failed: %s", self.path, e)
+        os.close(self.fd)
+        self.fd = None
+
+    # --- compaction ----------------------------------------------------------------
+    def rewrite(self, snapshot):
+        """Replace the log by `snapshot` (an iterable of lists of record lines) plus the records
+        appended meanwhile. Never blocks appends except for the final switch-over; a crash at
+        any step leaves either the old log or the new one."""
+        tmp = self.path + ".rewrite"
+        with self._switch:
+            start = self.size  # in-memory state == replay of the log up to here
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o640)
+        try:
+            for lines in snapshot:
+                self._threadpool.apply(_write_fd, (fd, b"".join(lines)))
+                gevent.sleep(0)
+            _test_pause("written")
+            self._threadpool.apply(os.fsync, (fd,))
+            _test_pause("fsynced")
+            with self._switch:
+                self._threadpool.apply(self._copy_tail, (fd, start))
+                os.rename(tmp, self.path)
+                _fsync_dir(os.path.dirname(self.path) or ".")
+                os.close(self.fd)
+                self.fd, fd = fd, None
+                self.size = os.fstat(self.fd).st_size
+            _test_pause("renamed")
+        finally:
+            if fd is not None:
+                os.close(fd)
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+
+    def _copy_tail(self, fd, start):
+        with open(self.path, "rb") as old:
+            old.seek(start)
+            while True:
+                data = old.read(READ_CHUNK)
+                if not data:
+                    break
+                _write_fd(fd, data)
+        os.fsync(fd)
+
+
+def _write_fd(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _test_pause(step):
+    """Test-only: with HQ_GEVENT_TEST_COMPACT_PAUSE naming this step, log it and stall,
+    so a fault test can SIGKILL the server exactly there. Inert when the variable is unset."""
+    steps = os.environ.get(TEST_PAUSE_ENV)
+    if steps and step in steps.split(","):
+        log.warning("compaction paused at step: %s", step)
+        gevent.sleep(3600)
+
+
+def encode(record):
+    return ujson.dumps(record, ensure_ascii=False, escape_forward_slashes=False).encode() + b"\n"

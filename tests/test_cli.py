@@ -1,0 +1,372 @@
+"""The `hq-gevent` client commands, run as real subprocesses against a real server and worker app."""
+import json
+import os
+import pty
+import re
+import select
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, free_port
+
+ESC = "\033"
+
+
+def hq(*args, stdin=None, env=None, timeout=30):
+    """Run `python -m hq_gevent ARGS`; HQ_ADDRESS and NO_COLOR come only from `env`."""
+    full_env = {k: v for k, v in os.environ.items() if k not in ("HQ_ADDRESS", "NO_COLOR")}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "hq_gevent", *map(str, args)], input=stdin,
+                          capture_output=True, text=True, env=full_env, cwd=str(ROOT), timeout=timeout)
+
+
+def ok(*args, **kw):
+    p = hq(*args, **kw)
+    assert p.returncode == 0, (p.returncode, p.stdout, p.stderr)
+    return p.stdout
+
+
+def lines(text):
+    return text.strip().splitlines()
+
+
+def dead_port():
+    return free_port()  # nothing listens there once the probe socket is closed
+
+
+def finished_job(server, **job):
+    return server.wait_job(server.push(**job)["id"])
+
+
+# --- no server needed ---------------------------------------------------------------------
+def test_version_and_each_command_documents_its_flags():
+    assert ok("-v").strip() == "hq-gevent 0.1.0"
+    expect = {
+        "push": ["--url", "--payload", "--name", "--comment", "--header", "--timeout", "--address"],
+        "list": ["--quiet", "--detail", "--name", "--term", "--reverse", "--begin", "--limit", "--status",
+                 "--json", "--all"],
+        "info": ["--address"], "stats": ["--address"], "stop": ["--address"], "delete": ["--address"],
+        "restart": ["--copy", "--address"], "wait": ["--timeout", "--address"],
+    }
+    for command, flags in expect.items():
+        text = ok(command, "-h")
+        assert text.startswith(f"usage: hq-gevent {command}"), text
+        for flag in flags:
+            assert flag in text, (command, flag)
+
+
+def test_bad_id_is_a_usage_error_before_any_request():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    address = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        for args in (["info", "abc"], ["stop", "1", "abc"], ["delete", "-5"], ["restart", "1.5"],
+                     ["wait", "x1"], ["list", "12", "abc"], ["list", "-b", "abc"],
+                     ["info", str(1 << 64)]):
+            p = hq(*args, "-a", address)
+            assert p.returncode == 2, (args, p.stdout, p.stderr)
+            assert "must be a number" in p.stderr and p.stdout == "", (args, p.stderr)
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # not one connection was attempted
+    finally:
+        listener.close()
+
+
+def test_usage_errors_exit_2():
+    for args in (["push"], ["push", "--name", "x", "job.json"], ["push", "--url", "http://h/", "--payload", "{bad"],
+                 ["push", "--url", "http://h/", "--header", "NoColon"], ["push", "--url", "http://h/", "f.json"],
+                 ["push", "-", "-"], ["list", "-l", "0"], ["list", "-l", "3", "--all"], ["list", "-s", "done"],
+                 ["stop"], ["wait", "1", "--timeout", "soon"], ["frobnicate"]):
+        p = hq(*args, "-a", f"http://127.0.0.1:{dead_port()}")
+        assert p.returncode == 2, (args, p.returncode, p.stderr)
+        assert "usage:" in p.stderr, (args, p.stderr)
+
+
+def test_unreachable_server_names_the_address():
+    port = dead_port()
+    for args in (["stats"], ["list"], ["info", "1"], ["stop", "1", "2"], ["push", "--url", "http://h/"]):
+        p = hq(*args, "-a", f"127.0.0.1:{port}")
+        assert p.returncode == 1, (args, p.stderr)
+        assert p.stderr.startswith(f"error: cannot reach hq-gevent at http://127.0.0.1:{port}: "), p.stderr
+        assert "refused" in p.stderr.lower() and len(lines(p.stderr)) == 1, p.stderr
+    p = hq("stats", env={"HQ_ADDRESS": f"http://127.0.0.1:{port}"})
+    assert p.returncode == 1 and f"127.0.0.1:{port}" in p.stderr
+
+
+# --- against a real server ----------------------------------------------------------------
+def test_client_commands_do_not_load_gevent(server):
+    code = ("import sys; from hq_gevent.cli import main; rc = main(['stats', '-a', sys.argv[1]]); "
+            "bad = [m for m in sys.modules if m.split('.')[0] == 'gevent' or m == 'hq_gevent.server']; "
+            "assert not bad, bad; sys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", code, server.url], capture_output=True, text=True, cwd=str(ROOT), timeout=30)
+    assert p.returncode == 0, p.stderr
+
+
+def test_hq_address_env_and_a_flag_override(server):
+    stats = json.loads(ok("stats", env={"HQ_ADDRESS": server.url}))
+    assert {"queues", "dispatchers", "maxWorkers", "numJobs"} <= set(stats)
+    dead = {"HQ_ADDRESS": f"http://127.0.0.1:{dead_port()}"}
+    assert json.loads(ok("stats", "-a", server.url, env=dead))["numJobs"] == 0
+    assert hq("stats", env=dead).returncode == 1
+
+
+def test_push_files_and_stdin(server, worker, tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"url": worker.url + "/a", "name": "alpha", "payload": {"n": 1}}))
+    b.write_text(json.dumps({"url": worker.url + "/b", "comment": "second", "timeout": 7}))
+    ids = lines(ok("push", a, b, "-a", server.url))
+    assert len(ids) == 2 and all(i.isdigit() for i in ids) and int(ids[0]) < int(ids[1])
+    ja, jb = server.wait_job(ids[0]), server.wait_job(ids[1])
+    assert (ja["name"], ja["payload"], ja["status"]) == ("alpha", {"n": 1}, "success")
+    assert (jb["name"], jb["comment"], jb["timeout"], jb["url"]) == ("default", "second", 7, worker.url + "/b")
+    assert sorted(worker.job_ids()) == sorted(ids)
+
+    (from_stdin,) = lines(ok("push", "-", "-a", server.url, stdin=json.dumps({"url": worker.url + "/c", "name": "in"})))
+    assert server.wait_job(from_stdin)["name"] == "in"
+
+    # Bad input anywhere means nothing is pushed: every file is read and parsed first.
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    before = server.api("GET", "/stats")[1]["numJobs"]
+    for args, message in (([a, bad], f"error: {bad}: invalid JSON"), ([a, tmp_path / "none.json"], "none.json: No such file"),
+                          ([a, "-"], "stdin: a job must be a JSON object")):
+        p = hq("push", *args, "-a", server.url, stdin="[1, 2]")
+        assert p.returncode == 1 and p.stdout == "", p
+        assert message in p.stderr, p.stderr
+    assert server.api("GET", "/stats")[1]["numJobs"] == before
+
+    # A job the server refuses: its message, exit 1; the other file's job is still pushed.
+    nourl = tmp_path / "nourl.json"
+    nourl.write_text(json.dumps({"name": "x"}))
+    p = hq("push", nourl, "-a", server.url)
+    assert (p.returncode, p.stdout, p.stderr) == (1, "", "error: 'url' is required\n")
+    p = hq("push", nourl, a, "-a", server.url)
+    assert p.returncode == 1 and len(lines(p.stdout)) == 1, p
+    assert p.stderr == f"error: {nourl}: 'url' is required\n"
+
+
+def test_push_url_one_liner_with_headers(server, worker):
+    out = ok("push", "--url", worker.url + "/hook?x=1", "--payload", '{"a": [1, 2]}', "--name", "one",
+             "--comment", "from the shell", "--header", "X-Team: images", "--header", "X-Empty:",
+             "--header", "Authorization:Bearer a:b", "--timeout", "9", "-a", server.url)
+    (job_id,) = lines(out)
+    job = server.wait_job(job_id)
+    assert job["status"] == "success", job
+    assert (job["name"], job["comment"], job["timeout"]) == ("one", "from the shell", 9)
+    assert job["headers"] == {"X-Team": "images", "X-Empty": "", "Authorization": "Bearer a:b"}
+    (req,) = worker.wait_requests(1)
+    assert req["path"] == "/hook?x=1" and json.loads(req["body"]) == {"a": [1, 2]}
+    assert req["headers"]["x-team"] == "images" and req["headers"]["authorization"] == "Bearer a:b"
+    assert req["headers"]["x-hq-job-id"] == job_id
+
+    p = hq("push", "--url", "not-a-url", "-a", server.url)
+    assert p.returncode == 1 and p.stderr.startswith("error: ") and p.stdout == "", p
+
+
+def test_list_table_quiet_json_detail(server, worker):
+    ids = [finished_job(server, url=worker.url + f"/{i}", name=f"job-{i}", comment=f"note\n{i}")["id"] for i in range(3)]
+    table = lines(ok("list", "-a", server.url))
+    assert table[0].split() == ["ID", "NAME", "CREATED", "DURATION", "STATUS"]
+    assert [r.split()[0] for r in table[1:]] == ids
+    for row, i in zip(table[1:], range(3)):
+        assert row.split()[1] == f"job-{i}" and row.endswith("success"), row
+        assert re.search(r"  (now|\d+ seconds? ago)  ", row), row
+        assert re.search(r"  (0s|\d+ms|\d+(\.\d+)?s)  ", row), row  # the duration column
+    starts = {row.index("STATUS") if n == 0 else row.index("success") for n, row in enumerate(table)}
+    assert len(starts) == 1, table  # columns are aligned
+    assert ESC not in "\n".join(table)  # stdout is a pipe: no colour
+
+    assert lines(ok("list", "-q", "-a", server.url)) == ids
+
+    data = json.loads(ok("list", "--json", "-a", server.url))
+    assert [j["id"] for j in data["jobs"]] == ids and data["hasNext"] is False and data["count"] == 3
+    assert data["jobs"][0] == server.job(ids[0])
+
+    detail = lines(ok("list", "-d", "-a", server.url))
+    assert detail[0].split() == ["ID", "NAME", "COMMENT", "URL", "CREATED", "STARTED", "FINISHED", "DURATION", "STATUS"]
+    assert "note 0" in detail[1] and worker.url + "/0" in detail[1] and "\n" not in detail[1]
+    assert len(re.findall(r"now|ago", detail[1])) == 3, detail[1]
+
+
+def test_list_filters(server, worker):
+    worker.respond(500, b"boom")
+    failed = finished_job(server, url=worker.url, name="b-fail", comment="needle")["id"]
+    worker.respond(200)
+    a1 = finished_job(server, url=worker.url, name="a-one")["id"]
+    a2 = finished_job(server, url=worker.url, name="a-two")["id"]
+    b1 = finished_job(server, url=worker.url, name="b-one")["id"]
+
+    def q(*args):
+        return lines(ok("list", "-q", *args, "-a", server.url))
+
+    assert q() == [failed, a1, a2, b1]
+    assert q("-n", "^a-") == [a1, a2]
+    assert q("-t", "needle") == [failed]
+    assert q("-r") == [b1, a2, a1, failed]
+    assert q("-b", a2) == [a2, b1]
+    assert q("-b", a2, "-r") == [a2, a1, failed]
+    assert q("-l", "2") == [failed, a1]
+    assert q("-r", "-l", "1", "-n", "^b") == [b1]
+    assert q("-s", "failure") == [failed]
+    assert q("-s", "success", "-n", "one") == [a1, b1]
+    assert q(b1, failed) == [b1, failed]
+    table = lines(ok("list", "-s", "failure", "-a", server.url))
+    assert len(table) == 2 and table[1].endswith("failure")
+
+    data = json.loads(ok("list", "--json", "-l", "2", "-a", server.url))
+    assert [j["id"] for j in data["jobs"]] == [failed, a1]
+    assert data["hasNext"] is True and data["next"] == a2 and data["count"] == 2
+
+    # Ids: the known ones are shown, each unknown one reported, exit 1.
+    p = hq("list", "-q", a1, "12345", "-a", server.url)
+    assert (p.returncode, p.stdout) == (1, a1 + "\n")
+    assert p.stderr == "error: The job '12345' is not found\n"
+    p = hq("list", "-n", "x", a1, "-a", server.url)
+    assert p.returncode == 2 and "cannot be combined" in p.stderr
+    p = hq("list", "-n", "(", "-a", server.url)
+    assert p.returncode == 1 and p.stderr.startswith("error: ") and p.stdout == ""
+    # Nothing matches: just the header.
+    assert lines(ok("list", "-n", "^zzz", "-a", server.url)) == ["ID  NAME  CREATED  DURATION  STATUS"]
+
+
+def test_list_pages_past_the_servers_default_limit(make_server, worker):
+    server = make_server(job_list_default_limit=2)
+    ids = [server.push(url=worker.url, name=f"p{i}")["id"] for i in range(5)]
+    p = hq("list", "-q", "-a", server.url)
+    assert p.returncode == 0 and lines(p.stdout) == ids[:2]
+    assert f"more jobs follow; use --all, or -b {ids[2]}" in p.stderr
+    p = hq("list", "-q", "--all", "-a", server.url)
+    assert p.returncode == 0 and lines(p.stdout) == ids and p.stderr == ""
+    assert lines(ok("list", "-q", "-l", "4", "-a", server.url)) == ids[:4]
+    assert lines(ok("list", "-q", "--all", "-r", "-b", ids[3], "-a", server.url)) == ids[3::-1]
+    data = json.loads(ok("list", "--json", "--all", "-a", server.url))
+    assert [j["id"] for j in data["jobs"]] == ids and data["count"] == 5 and data["hasNext"] is False
+
+
+def test_status_colour_only_on_a_tty_without_no_color(server, worker):
+    finished_job(server, url=worker.url)
+    worker.respond(500)
+    finished_job(server, url=worker.url)
+
+    def on_tty(env):
+        master, slave = pty.openpty()
+        full_env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+        full_env.update(env)
+        proc = subprocess.Popen([sys.executable, "-m", "hq_gevent", "list", "-a", server.url],
+                                stdout=slave, stderr=subprocess.PIPE, env=full_env, cwd=str(ROOT))
+        os.close(slave)
+        chunks, deadline = [], time.monotonic() + 20
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(master, 4096)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+        os.close(master)
+        assert proc.wait(10) == 0, proc.stderr.read()
+        return b"".join(chunks).decode()
+
+    coloured = on_tty({})
+    assert f"{ESC}[32msuccess{ESC}[0m" in coloured and f"{ESC}[31mfailure{ESC}[0m" in coloured, repr(coloured)
+    assert "STATUS" in coloured and f"{ESC}[" not in coloured.splitlines()[0]
+    plain = on_tty({"NO_COLOR": "1"})
+    assert ESC not in plain and "success" in plain and "failure" in plain
+
+
+def test_info_and_stats(server, worker):
+    job = finished_job(server, url=worker.url, name="shown", payload={"k": "välue"})
+    text = ok("info", job["id"], "-a", server.url)
+    assert json.loads(text) == server.job(job["id"])
+    assert text.startswith('{\n  "id": ') and "välue" in text
+    p = hq("info", "123", "-a", server.url)
+    assert (p.returncode, p.stdout, p.stderr) == (1, "", "error: The job '123' is not found\n")
+
+    text = ok("stats", "-a", server.url)
+    stats = json.loads(text)
+    assert text.startswith("{\n  ")
+    for key in ("queues", "dispatchers", "maxWorkers", "queueUsage", "numWaitingJobs", "numRunningJobs",
+                "numWorkers", "numJobs"):
+        assert key in stats, key
+    assert stats["numJobs"] == 1
+
+
+def test_stop_restart_delete_with_a_good_and_an_unknown_id(make_server, worker):
+    server = make_server(dispatchers=1)
+    worker.hold()
+    running = server.push(url=worker.url, name="held")["id"]
+    worker.wait_requests(1)
+    waiting = server.push(url=worker.url, name="queued")["id"]
+    assert server.job(waiting)["status"] == "waiting"
+
+    p = hq("stop", waiting, "999", running, "-a", server.url)
+    assert p.returncode == 1, p
+    assert lines(p.stdout) == [waiting, running]
+    assert p.stderr == "error: The job '999' is not found\n"
+    assert server.wait_job(waiting)["status"] == "canceled"
+    assert server.wait_job(running)["status"] == "canceled"
+    worker.release()
+    p = hq("stop", waiting, "-a", server.url)
+    assert (p.returncode, p.stdout, p.stderr) == (1, "", f"error: The job {waiting} is not active\n")
+
+    p = hq("restart", running, "999", "-a", server.url)
+    assert (p.returncode, lines(p.stdout)) == (1, [running]) and "error: The job '999' is not found" in p.stderr
+    assert server.wait_job(running)["status"] == "success"
+    (copy,) = lines(ok("restart", "-c", waiting, "-a", server.url))
+    assert copy != waiting and int(copy) > int(waiting)
+    assert server.wait_job(copy)["name"] == "queued" and server.job(waiting)["status"] == "canceled"
+    (again,) = lines(ok("restart", "--copy", copy, "-a", server.url))
+    assert again not in (copy, waiting)
+    server.wait_job(again)
+
+    p = hq("delete", "999", waiting, "-a", server.url)
+    assert (p.returncode, lines(p.stdout)) == (1, [waiting]) and p.stderr == "error: The job '999' is not found\n"
+    assert server.api("GET", f"/job/{waiting}")[0] == 422
+    assert lines(ok("delete", copy, again, "-a", server.url)) == [copy, again]
+    assert lines(ok("list", "-q", "-a", server.url)) == [running]
+
+
+def test_wait_success_failure_timeout_and_pipeline(server, worker, tmp_path):
+    good = server.push(url=worker.url, name="good")["id"]
+    p = hq("wait", good, "-a", server.url)
+    assert (p.returncode, p.stdout, p.stderr) == (0, f"{good} success\n", "")
+
+    worker.respond(500)
+    bad = server.push(url=worker.url)["id"]
+    p = hq("wait", good, bad, "--timeout", "20", "-a", server.url)
+    assert p.returncode == 1 and sorted(lines(p.stdout)) == sorted([f"{good} success", f"{bad} failure"]), p
+
+    p = hq("wait", good, "999", "-a", server.url)
+    assert p.returncode == 1 and p.stdout == f"{good} success\n" and "error: The job '999' is not found" in p.stderr
+
+    worker.respond(200)
+    worker.hold()
+    held = server.push(url=worker.url)["id"]
+    started = time.monotonic()
+    p = hq("wait", good, held, "--timeout", "0.5", "-a", server.url)
+    assert p.returncode == 2, p
+    assert time.monotonic() - started < 10
+    assert p.stdout == f"{good} success\n" and p.stderr == f"error: timed out after 0.5s waiting for {held}\n"
+    worker.release()
+    server.wait_job(held)
+
+    # The scripting idiom of the README: push, then wait on what was pushed.
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"url": worker.url, "name": "piped"}))
+    hq_cmd = f"{sys.executable} -m hq_gevent"
+    p = subprocess.run(["bash", "-c", f"set -o pipefail; {hq_cmd} push {job} {job} -a {server.url} | "
+                                      f"xargs {hq_cmd} wait --timeout 20 -a {server.url}"],
+                       capture_output=True, text=True, cwd=str(ROOT), timeout=60)
+    assert p.returncode == 0, p
+    assert [line.split()[1] for line in lines(p.stdout)] == ["success", "success"]

@@ -1,0 +1,471 @@
+"""The built-in web UI in a real headless Chromium (Debian's package, driven by Playwright).
+
+Every test runs against a real hq-gevent server and a real worker app: jobs are pushed through the
+HTTP API, the worker decides their outcome, and the browser only sees what the server serves under
+the UI basename. Screenshots land in test-artifacts/ at the repo root.
+"""
+import os
+import shutil
+import time
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+
+from conftest import ROOT, require_tool
+
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+REFRESH_MS = 300  # the UI's auto-refresh interval in these tests (the default is 3 s)
+WAIT_MS = 10_000  # upper bound for any single browser-side wait
+
+
+@pytest.fixture(scope="module")
+def browser():
+    require_tool("chromium", "the web UI tests drive a real browser")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("the playwright package is required in CI (pip install -e '.[test]')")
+        pytest.skip("the playwright package is not installed")
+    exe = shutil.which("chromium")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS, timeout=30_000)
+        yield b
+        b.close()
+
+
+class UI:
+    """One browser context + page, with the checks every test wants at the end."""
+
+    def __init__(self, browser):
+        self.context = browser.new_context(viewport={"width": 1280, "height": 800})
+        self.context.add_init_script(f"window.HQ_REFRESH_MS = {REFRESH_MS};")
+        self.page = self.context.new_page()
+        self.page.set_default_timeout(WAIT_MS)
+        self.base = "/ui"
+        self.urls, self.errors, self.dialogs = [], [], []
+        self.page.on("request", lambda r: self.urls.append(r.url))
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("dialog", self._dialog)
+
+    def _dialog(self, dialog):
+        self.dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    def open(self, srv, path="/"):
+        """Load a UI page and wait for its first answer from the API."""
+        self.page.goto(srv.url + self.base + path)
+        if path.startswith("/job/"):
+            self.page.wait_for_function(
+                "document.querySelector('#job-view') && "
+                "(+document.querySelector('#job-view').dataset.loads > 0 || !!document.querySelector('.msg-error'))")
+        elif path == "/" or path.startswith("/?"):
+            self.wait_refresh(0)
+
+    def refreshes(self):
+        return int(self.page.get_attribute("#dashboard", "data-refreshes"))
+
+    def wait_refresh(self, after=None):
+        """Wait until the dashboard has completed a load later than `after` (default: now)."""
+        after = self.refreshes() if after is None else after
+        self.page.wait_for_function(f"+document.querySelector('#dashboard').dataset.refreshes > {after}")
+
+    def rows(self):
+        """[(id, name, status text, status class)] as rendered, top to bottom."""
+        return [tuple(r) for r in self.page.eval_on_selector_all(
+            "#jobs-body tr[data-id]",
+            """trs => trs.map(tr => [tr.dataset.id, tr.querySelector('.name').textContent,
+                                    tr.querySelector('.status').textContent, tr.querySelector('.status').className])""")]
+
+    def ids(self):
+        return [r[0] for r in self.rows()]
+
+    def stat(self, key):
+        return self.page.text_content(f"[data-stat={key}]").split("/")[0].strip()
+
+    def no_horizontal_scroll(self):
+        sw, cw = self.page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+        assert sw <= cw, f"the page scrolls sideways: scrollWidth {sw} > clientWidth {cw}"
+
+    def shot(self, name, full_page=False):
+        ARTIFACTS.mkdir(exist_ok=True)
+        self.page.screenshot(path=str(ARTIFACTS / name), full_page=full_page)
+
+    def close(self):
+        self.context.close()
+        assert not self.errors, f"JavaScript errors: {self.errors}"
+        assert not self.dialogs, f"the page opened dialogs (injected script ran?): {self.dialogs}"
+        outside = [u for u in self.urls if u.startswith("http") and not urlsplit(u).path.startswith(self.base)]
+        assert not outside, f"the UI fetched URLs outside {self.base}: {outside}"
+
+
+@pytest.fixture
+def ui(browser):
+    u = UI(browser)
+    yield u
+    u.close()
+
+
+def wait_text(page, selector, text, timeout=WAIT_MS):
+    """Wait until `selector`'s textContent equals `text` (bounded)."""
+    page.wait_for_function(
+        "([s, t]) => { const e = document.querySelector(s); return e && e.textContent.trim() === t; }",
+        arg=[selector, text], timeout=timeout)
+
+
+def push_done(srv, worker, **job):
+    job.setdefault("url", worker.url + "/work")
+    j = srv.push(**job)
+    return srv.wait_job(j["id"])
+
+
+# --- the dashboard ------------------------------------------------------------------------------
+
+def test_dashboard_lists_jobs_with_their_statuses_and_stats(make_server, worker, ui):
+    srv = make_server(dispatchers=1)  # one job in flight at a time, so a held job keeps the next waiting
+    ok = push_done(srv, worker, name="ok-job")
+    worker.respond(500, b"nope")
+    bad = push_done(srv, worker, name="bad-job")
+    worker.respond(200, b"OK")
+    worker.hold()
+    run = srv.push(url=worker.url + "/w", name="run-job")
+    srv.wait_job(run["id"], statuses=("running",))
+    queued = srv.push(url=worker.url + "/w", name="wait-job")
+    stopped = srv.push(url=worker.url + "/w", name="stop-job")
+    assert srv.api("POST", f"/job/{stopped['id']}/stop")[0] == 200
+    srv.wait_job(stopped["id"], statuses=("canceled",))
+
+    ui.open(srv)
+    rows = ui.rows()
+    expected = {ok["id"]: ("ok-job", "success"), bad["id"]: ("bad-job", "failure"), run["id"]: ("run-job", "running"),
+                queued["id"]: ("wait-job", "waiting"), stopped["id"]: ("stop-job", "canceled")}
+    assert {r[0]: (r[1], r[2]) for r in rows} == expected
+    # Newest first by default; ids compared as 64-bit integers in Python, kept as strings in the page.
+    assert [r[0] for r in rows] == sorted(expected, key=int, reverse=True)
+    # One colour per status.
+    colours = {r[2]: ui.page.eval_on_selector(f"#jobs-body tr[data-id='{r[0]}'] .status",
+                                              "e => getComputedStyle(e).backgroundColor") for r in rows}
+    assert len(set(colours.values())) == len(colours), colours
+    assert all(r[3] == "status status-" + r[2] for r in rows)
+    # Created is relative, exact on hover; a finished job shows a duration.
+    created = ui.page.locator(f"#jobs-body tr[data-id='{ok['id']}'] time")
+    assert ok["createdAt"] in created.get_attribute("title")
+    assert created.text_content() in ("just now",) or created.text_content().endswith("ago")
+    assert ui.page.text_content(f"#jobs-body tr[data-id='{ok['id']}'] td[data-label=Duration]").strip()
+    # Stats as the server reports them (the ones that cannot move while the worker is held).
+    stats = srv.api("GET", "/stats")[1]
+    for key in ("numJobs", "numRunningJobs", "numWaitingJobs", "numWorkers"):
+        assert ui.stat(key) == str(stats[key]), key
+    assert (ui.stat("numJobs"), ui.stat("numRunningJobs"), ui.stat("numWaitingJobs")) == ("5", "1", "1")
+    assert ui.stat("queueUsage").isdigit()
+    ui.shot("dashboard.png")
+
+    # Auto-refresh picks up the outcome without a reload.
+    ui.page.evaluate("window.__same_page = true")
+    worker.release()
+    srv.wait_job(queued["id"])
+    wait_text(ui.page, f"#jobs-body tr[data-id='{run['id']}'] .status", "success")
+    wait_text(ui.page, f"#jobs-body tr[data-id='{queued['id']}'] .status", "success")
+    wait_text(ui.page, "[data-stat=numRunningJobs]", "0")
+    assert ui.page.evaluate("window.__same_page") is True
+
+
+def test_auto_refresh_keeps_filters_and_scroll_and_can_pause(make_server, worker, ui):
+    srv = make_server()
+    for i in range(30):
+        srv.push(url=worker.url + "/w", name=f"keep-{i}")
+    last = srv.push(url=worker.url + "/w", name="other")
+    srv.wait_job(last["id"])
+    ui.open(srv)
+    ui.page.fill("#f-name", "^keep")
+    ui.page.press("#f-name", "Enter")
+    ui.page.select_option("#f-limit", "50")
+    ui.page.wait_for_function("document.querySelectorAll('#jobs-body tr[data-id]').length === 30")
+    assert all(r[1].startswith("keep-") for r in ui.rows())
+    assert "name=%5Ekeep" in ui.page.url and "limit=50" in ui.page.url
+
+    ui.page.evaluate("window.scrollTo(0, 300)")
+    ui.wait_refresh()
+    ui.wait_refresh()
+    assert ui.page.evaluate("window.scrollY") == 300
+    assert ui.page.input_value("#f-name") == "^keep"
+
+    new = srv.push(url=worker.url + "/w", name="keep-new")
+    ui.page.wait_for_selector(f"#jobs-body tr[data-id='{new['id']}']")
+    assert len(ui.rows()) == 31 and ui.page.evaluate("window.scrollY") == 300
+
+    ui.page.click("#pause")
+    assert ui.page.get_attribute("#pause", "aria-pressed") == "true"
+    count = ui.refreshes()
+    hidden = srv.push(url=worker.url + "/w", name="keep-while-paused")
+    srv.wait_job(hidden["id"])
+    time.sleep(REFRESH_MS * 4 / 1000)
+    assert ui.refreshes() == count
+    assert hidden["id"] not in ui.ids()
+    ui.page.click("#pause")
+    ui.page.wait_for_selector(f"#jobs-body tr[data-id='{hidden['id']}']")
+    assert ui.page.get_attribute("#pause", "aria-pressed") == "false"
+
+
+def test_filters_narrow_the_list_and_paging_walks_every_job(make_server, worker, ui):
+    srv = make_server()
+    jobs = [srv.push(url=worker.url + "/w", name=("alpha-" if i % 2 == 0 else "beta-") + str(i), comment=f"c-{i}")
+            for i in range(20)]
+    srv.wait_job(jobs[-1]["id"])
+    worker.respond(500, b"bad")
+    failed = [srv.push(url=worker.url + "/w", name=f"beta-fail-{i}") for i in range(3)]
+    for j in failed:
+        srv.wait_job(j["id"])
+    all_ids = [j["id"] for j in jobs + failed]
+
+    ui.open(srv)
+    ui.page.select_option("#f-limit", "10")
+    ui.page.wait_for_function("document.querySelectorAll('#jobs-body tr[data-id]').length === 10")
+    first_page = ui.ids()
+    seen = []
+    for _ in range(5):  # 23 jobs at 10 a page: 3 pages, bounded loop
+        seen += ui.ids()
+        if ui.page.is_disabled("#next-page"):
+            break
+        before = ui.refreshes()
+        ui.page.click("#next-page")
+        ui.wait_refresh(before)
+    assert seen == sorted(all_ids, key=int, reverse=True)
+    assert ui.page.is_disabled("#next-page")
+    ui.page.click("#prev-page")
+    ui.page.wait_for_function("document.querySelectorAll('#jobs-body tr[data-id]').length === 10")
+    assert ui.ids() == seen[10:20]
+    before = ui.refreshes()
+    ui.page.click("#first-page")
+    ui.wait_refresh(before)
+    assert ui.ids() == first_page and ui.page.is_disabled("#first-page")
+
+    before = ui.refreshes()
+    ui.page.click("#order")
+    ui.wait_refresh(before)
+    assert ui.ids() == sorted(all_ids, key=int)[:10]
+    assert "oldest" in ui.page.text_content("#order")
+
+    ui.page.select_option("#f-limit", "50")
+    ui.page.fill("#f-name", "^alpha-")
+    before = ui.refreshes()
+    ui.page.click("#apply")
+    ui.wait_refresh(before)
+    assert sorted(r[1] for r in ui.rows()) == sorted(f"alpha-{i}" for i in range(0, 20, 2))
+
+    ui.page.fill("#f-name", "")
+    ui.page.fill("#f-term", "^c-7$")  # term also matches the comment
+    before = ui.refreshes()
+    ui.page.press("#f-term", "Enter")
+    ui.wait_refresh(before)
+    assert ui.ids() == [jobs[7]["id"]]
+
+    ui.page.fill("#f-term", "")
+    before = ui.refreshes()
+    ui.page.select_option("#f-status", "failure")
+    ui.wait_refresh(before)
+    assert sorted(ui.ids()) == sorted(j["id"] for j in failed)
+    assert {r[2] for r in ui.rows()} == {"failure"}
+
+    # A bad regex: the server's own error text is shown, not a blank table.
+    status, body = srv.api("GET", "/job?name=%28")
+    assert status == 422
+    ui.page.fill("#f-name", "(")
+    ui.page.press("#f-name", "Enter")
+    ui.page.wait_for_selector(".msg-error")
+    assert body["error"] in ui.page.text_content(".msg-error")
+
+    before = ui.refreshes()
+    ui.page.click("#clear")
+    ui.wait_refresh(before)
+    assert len(ui.ids()) == 23 and not ui.page.is_visible(".msg-error")
+
+
+# --- the job page -------------------------------------------------------------------------------
+
+def test_running_job_can_be_stopped_and_shows_canceled(make_server, worker, ui):
+    srv = make_server()
+    worker.hold()
+    job = srv.push(url=worker.url + "/w", name="long")
+    srv.wait_job(job["id"], statuses=("running",))
+    ui.open(srv, f"/job/{job['id']}")
+    wait_text(ui.page, "#job-status", "running")
+    assert ui.page.text_content("#job-id") == job["id"]
+
+    # Refused actions show the server's reason.
+    ui.page.click("#act-restart")
+    ui.page.wait_for_selector(".msg-error")
+    assert f"The job {job['id']} is running now" in ui.page.text_content(".msg-error")
+
+    ui.page.click("#act-stop")
+    wait_text(ui.page, "#job-status", "canceled")
+    assert srv.job(job["id"])["status"] == "canceled"
+    wait_text(ui.page, "[data-field=canceled]", "true")
+    ui.page.click("#act-stop")
+    ui.page.wait_for_function(f"document.querySelector('.msg-error') && document.querySelector('.msg-error').textContent.includes('The job {job['id']} is not active')")
+
+
+def test_failed_job_restart_and_copy_then_succeed(make_server, worker, ui):
+    srv = make_server()
+    worker.respond(500, b'{"reason": "db down"}')
+    job = srv.push(url=worker.url + "/w", name="flaky", comment="retry me",
+                   payload={"big": 9007199254740993, "nested": {"a": [1, 2]}}, headers={"X-Trace": "t1"})
+    job = srv.wait_job(job["id"])
+    assert job["status"] == "failure"
+    ui.open(srv, f"/job/{job['id']}")
+    wait_text(ui.page, "#job-status", "failure")
+    # Every field of the record is on the page.
+    shown = set(ui.page.eval_on_selector_all("#fields dt", "els => els.map(e => e.textContent)"))
+    blocks = {"payload", "headers", "output"}
+    assert set(job) - blocks <= shown
+    for key in ("id", "name", "comment", "url", "statusCode", "err", "createdAt"):
+        assert ui.page.text_content(f"[data-field={key}]").startswith(str(job[key])), key
+    # Payload, headers and output pretty-printed; the 64-bit number survives exactly.
+    payload = ui.page.text_content("#block-payload")
+    assert "9007199254740993" in payload and '\n  "nested": {\n    "a": [' in payload
+    assert '"X-Trace": "t1"' in ui.page.text_content("#block-headers")
+    assert ui.page.text_content("#block-output") == '{\n  "reason": "db down"\n}'
+    ui.shot("job.png", full_page=True)
+
+    worker.respond(200, b"fixed")
+    ui.page.click("#act-restart")
+    wait_text(ui.page, "#job-status", "success")
+    wait_text(ui.page, "#block-output", "fixed")
+    assert ui.page.url.endswith(f"/job/{job['id']}")
+    assert worker.job_ids().count(job["id"]) == 2
+
+    ui.page.click("#act-copy")
+    link = ui.page.wait_for_selector("#copy-link")
+    copy_id = link.text_content().split()[-1]
+    assert copy_id != job["id"]
+    link.click()
+    ui.page.wait_for_url(f"**/ui/job/{copy_id}")
+    wait_text(ui.page, "#job-status", "success")
+    copy = srv.job(copy_id)
+    assert (copy["name"], copy["comment"], copy["payload"]) == ("flaky", "retry me", job["payload"])
+
+
+def test_delete_asks_for_confirmation_and_removes_the_job(make_server, worker, ui):
+    srv = make_server()
+    worker.hold()
+    job = srv.push(url=worker.url + "/w", name="to-delete")
+    srv.wait_job(job["id"], statuses=("running",))
+    ui.open(srv, f"/job/{job['id']}")
+
+    ui.page.click("#act-delete")
+    assert ui.page.is_visible("#confirm")
+    ui.page.click("#cancel-delete")
+    assert not ui.page.is_visible("#confirm")
+    ui.page.click("#act-delete")
+    ui.page.click("#confirm-delete")  # refused: it is running
+    ui.page.wait_for_selector(".msg-error")
+    assert job["id"] in ui.page.text_content(".msg-error")
+    assert srv.job(job["id"])["status"] == "running"
+
+    worker.release()
+    wait_text(ui.page, "#job-status", "success")
+    ui.page.click("#act-delete")
+    ui.page.keyboard.press("Escape")  # Escape also backs out
+    assert not ui.page.is_visible("#confirm")
+    ui.page.click("#act-delete")
+    ui.page.click("#confirm-delete")
+    ui.page.wait_for_selector("#deleted")
+    status, body = srv.api("GET", f"/job/{job['id']}")
+    assert status == 422 and body["error"] == f"The job '{job['id']}' is not found"
+
+    ui.page.click("#back")
+    ui.page.wait_for_selector("#jobs-body tr.empty")
+    assert ui.ids() == [] and ui.stat("numJobs") == "0"
+
+
+def test_output_and_names_are_shown_as_text_never_as_html(make_server, worker, ui):
+    srv = make_server()
+    evil = '<script>alert(1)</script><img src=x onerror="alert(2)">'
+    worker.respond(200, evil.encode())
+    name = "<b onmouseover=alert(3)>bold</b>"
+    job = push_done(srv, worker, name=name, comment=evil, payload={"html": evil})
+    assert job["output"] == evil
+
+    ui.open(srv)
+    assert ui.rows()[0][1] == name
+    assert ui.page.locator("#jobs-body b").count() == 0
+    ui.open(srv, f"/job/{job['id']}")
+    assert ui.page.text_content("#block-output") == evil
+    assert ui.page.text_content("[data-field=comment]") == evil
+    assert ui.page.text_content("[data-field=name]") == name
+    assert ui.page.locator("#main script, #main img, #main b").count() == 0
+    time.sleep(0.3)  # give an injected onerror handler the chance to fire (checked by ui.close)
+
+
+def test_phone_width_has_no_sideways_scrolling(make_server, worker, ui):
+    srv = make_server()
+    long_name = "n" * 200  # one unbreakable word, the worst case for wrapping
+    job = push_done(srv, worker, name=long_name, url=worker.url + "/" + "p" * 150, comment="c " * 80)
+    push_done(srv, worker, name="short")
+    ui.page.set_viewport_size({"width": 390, "height": 844})
+    ui.open(srv)
+    ui.no_horizontal_scroll()
+    assert ui.page.is_visible("#next-page") and ui.page.is_visible("#pause")
+    ui.shot("dashboard-phone.png", full_page=True)
+    ui.open(srv, f"/job/{job['id']}")
+    ui.no_horizontal_scroll()
+    box = ui.page.locator("#act-delete").bounding_box()
+    assert box["x"] + box["width"] <= 390
+    ui.shot("job-phone.png", full_page=True)
+
+
+def test_keyboard_reaches_filters_jobs_and_actions(make_server, worker, ui):
+    srv = make_server()
+    job = push_done(srv, worker, name="keyboard")
+    ui.open(srv)
+    page = ui.page
+    focused = []
+    for _ in range(40):  # bounded walk through the tab order
+        page.keyboard.press("Tab")
+        focused.append(page.evaluate("document.activeElement.id || document.activeElement.dataset.jobId || document.activeElement.tagName"))
+        if focused[-1] == job["id"]:
+            break
+    for control in ("f-name", "f-term", "f-status", "apply", "order", "pause", job["id"]):
+        assert control in focused, (control, focused)
+    assert page.evaluate("getComputedStyle(document.activeElement).outlineStyle") == "solid"
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"**/ui/job/{job['id']}")
+    wait_text(page, "#job-status", "success")
+    for _ in range(10):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.id") == "act-stop":
+            break
+    assert page.evaluate("document.activeElement.id") == "act-stop"
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".msg-error")  # a finished job is not active: the server says so
+
+
+# --- serving --------------------------------------------------------------------------------------
+
+def test_custom_basename_deep_links_and_redirect(make_server, worker, ui):
+    srv = make_server(ui_basename="/console")
+    ui.base = "/console"
+    job = push_done(srv, worker, name="deep")
+    ui.page.goto(srv.url + "/console")
+    ui.page.wait_for_url(srv.url + "/console/")
+    ui.wait_refresh(0)
+    assert ui.ids() == [job["id"]]
+    assert ui.page.get_attribute("#back, #home-link", "href") == "/console/"
+    ui.open(srv, f"/job/{job['id']}")  # a deep link loads the app straight away
+    wait_text(ui.page, "#job-status", "success")
+    assert any(urlsplit(u).path == f"/console/internal/job/{job['id']}" for u in ui.urls)
+    ui.open(srv, "/no/such/page")
+    ui.page.wait_for_selector("text=Page not found")
+
+
+def test_ui_disabled_is_404(make_server):
+    srv = make_server(ui=False)
+    for path in ("/ui", "/ui/", "/ui/app.js", "/ui/job/1", "/ui/internal/stats"):
+        r = requests.get(srv.url + path, allow_redirects=False, timeout=10)
+        assert r.status_code == 404, path
+    assert requests.get(srv.url + "/stats", timeout=10).status_code == 200
