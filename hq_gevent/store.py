@@ -182,8 +182,9 @@ class Store:
             self._refuse_active(job)
             # The response and the record show the job as it will stand once enqueued.
             fresh = job.copy(self.ids_gen.next_id() if copy else job.id)
+            view = fresh.to_dict()
             self._log_waiting(fresh if copy else job, fresh.to_record())
-            return fresh.to_dict()
+            return view
 
     def delete(self, job_id):
         with self.exclusive(job_id):
