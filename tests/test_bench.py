@@ -1,0 +1,184 @@
+"""The bench suite (bench/): every scenario runs end to end at tiny sizes and reports 0 lost /
+0 duplicate; its loss and duplicate detectors do fire; its child processes die with it.
+
+No timing assertions: figures on a shared CI machine are not facts about the code.
+"""
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import ROOT, require_tool
+
+BENCH = [sys.executable, "-m", "bench"]
+CORRECTNESS = ("lost", "duplicates", "unexpected", "errors")
+
+
+def run_bench(args, timeout=120):
+    proc = subprocess.run(BENCH + args, cwd=str(ROOT), capture_output=True, text=True, timeout=timeout)
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return proc, {res["scenario"]: res for res in lines}
+
+
+def start_worker(*args):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.worker", "--port", "0", *args], cwd=str(ROOT), stdout=subprocess.PIPE, text=True
+    )
+    line = proc.stdout.readline()
+    assert line.startswith("listening"), line
+    return proc, f"http://127.0.0.1:{line.rsplit(':', 1)[1].strip()}"
+
+
+def test_every_scenario_runs_and_loses_nothing(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    proc, results = run_bench(
+        ["--quick", "--n", "60", "--slow-ms", "200", "--baseline-seconds", "0.5", "--list-reps", "3", "--json", str(out)]
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(results) == sorted(["baseline", "push", "e2e", "slow", "memory", "list"]), proc.stdout
+    for name, res in results.items():
+        figures = res["figures"]
+        for key in CORRECTNESS:
+            assert figures.get(key, 0) == 0, (name, figures)
+        if name != "baseline":
+            assert res["n"] == 60
+    e2e = results["e2e"]["figures"]
+    assert e2e["jobs_per_s"] > 0 and e2e["latency_p50_ms"] is not None
+    assert results["slow"]["figures"]["max_concurrency"] >= 2  # ample max_workers ran jobs side by side
+    assert results["memory"]["figures"]["jobs_after_restart"] == 60
+    assert results["push"]["config"]["max_workers"] == 0
+    # The table is there too, and --json got the same lines.
+    assert re.search(r"^e2e\s+lost\s+0$", proc.stdout, re.M), proc.stdout
+    assert [json.loads(line)["scenario"] for line in out.read_text().splitlines()] == list(results)
+
+
+def test_compare_alternates_and_reports_ratios():
+    # B is the same server run as a foreign 1.x one (no hq-gevent-only config keys).
+    default = f"{shlex.quote(sys.executable)} -m hq_gevent serve -c {{config}}"
+    proc, results = run_bench(["e2e", "--n", "40", "--compare", default, "--compare-flavor", "hq1"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = results["e2e"]
+    assert res["rounds"] == 3 and len(res["a"]["runs"]) == 3 and len(res["b"]["runs"]) == 3
+    for side in ("a", "b"):
+        assert res[side]["figures"]["lost"] == 0 and res[side]["figures"]["duplicates"] == 0
+    assert res["ratio"]["jobs_per_s"] > 0
+    order = re.findall(r"e2e \[(A|B)\] round", proc.stderr)
+    assert order == ["A", "B"] * 3, proc.stderr
+    assert "A/B" in proc.stdout
+    assert run_bench(["e2e", "--compare", default, "--rounds", "2"])[0].returncode != 0
+
+
+FAKE_SERVER = r'''
+# Acknowledges every push and never delivers it: the bench must call that loss, not success.
+import http.server, json, sys, toml
+host, port = toml.load(sys.argv[1])["addr"].rsplit(":", 1)
+ids = iter(range(1, 10**9))
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def reply(self, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def do_GET(self):
+        self.reply({"status": "waiting"} if self.path.startswith("/job/") else {"version": "fake"})
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.reply({"id": str(next(ids)), "status": "waiting"})
+http.server.ThreadingHTTPServer((host, int(port)), H).serve_forever()
+'''
+
+
+def test_a_server_that_loses_jobs_is_reported(tmp_path):
+    fake = tmp_path / "fake_hq.py"
+    fake.write_text(FAKE_SERVER)
+    proc, results = run_bench(["e2e", "--n", "20", "--timeout", "3", "--server", f"{sys.executable} {fake} {{config}}"])
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    figures = results["e2e"]["figures"]
+    assert figures["lost"] == 20 and figures["jobs_per_s"] is None and figures["errors"] >= 1, figures
+
+
+def test_a_server_that_does_not_start_is_an_error():
+    proc, results = run_bench(["push", "--n", "5", "--server", f"{sys.executable} -c 'raise SystemExit(3)' {{config}}"])
+    assert proc.returncode == 1 and not results
+    assert "exited with 3" in proc.stderr, proc.stderr
+
+
+def test_worker_counts_duplicates_and_concurrency():
+    proc, url = start_worker("--sleep-ms", "300")
+    try:
+        s = requests.Session()
+        assert s.post(url + "/job", data=b'{"a":1}', headers={"X-Hq-Job-Id": "7"}, timeout=5).text == "OK"
+        assert s.post(url + "/job", headers={"X-Hq-Job-Id": "7"}, timeout=5).status_code == 200
+        threads = [
+            threading.Thread(target=requests.post, args=(url + "/job",), kwargs={"headers": {"X-Hq-Job-Id": str(i)}, "timeout": 5})
+            for i in range(100, 105)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        stats = s.get(url + "/stats", timeout=5).json()
+        assert stats == {"requests": 7, "unique": 6, "duplicates": 1, "noId": 0, "inFlight": 0, "maxConcurrency": 5}, stats
+        assert s.get(url + "/arrivals", timeout=5).json()["7"][0] == 2
+        s.post(url + "/reset", timeout=5)
+        assert s.get(url + "/stats", timeout=5).json()["requests"] == 0
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_baseline_measures_the_client_against_wrk():
+    require_tool("wrk", "the baseline checks the bench client against wrk")
+    proc, results = run_bench(["baseline", "--baseline-seconds", "0.5", "--concurrency", "8"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    figures = results["baseline"]["figures"]
+    for label in ("trivial", "worker"):
+        assert figures[f"{label}_client_rps"] > 0 and figures[f"{label}_wrk_rps"] > 0, figures
+        assert figures[f"{label}_client_vs_wrk"] is not None
+
+
+def _alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_interrupt_kills_every_child(sig):
+    # SIGINT/SIGTERM: the bench unwinds and stops its children; SIGKILL: they get PDEATHSIG.
+    # Jobs held 20 s by the worker: the bench is surely mid-scenario when the signal lands.
+    proc = subprocess.Popen(
+        BENCH + ["slow", "--n", "20", "--slow-ms", "20000"], cwd=str(ROOT), stderr=subprocess.PIPE, text=True
+    )
+    pids, deadline = [], time.monotonic() + 30
+    try:
+        for line in proc.stderr:
+            m = re.search(r"started \S+ pid (\d+)", line)
+            if m:
+                pids.append(int(m.group(1)))
+            if len(pids) == 2 or time.monotonic() > deadline:
+                break
+        assert len(pids) == 2, pids  # the worker and the server
+        time.sleep(1)
+        proc.send_signal(sig)
+        assert proc.wait(30) == (-9 if sig == signal.SIGKILL else 130)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 5
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in pids if _alive(p)]
