@@ -33,7 +33,7 @@ HOST = "127.0.0.1"
 DEFAULT_SERVER = f"{shlex.quote(sys.executable)} -m hq_gevent serve -c {{config}}"
 SCENARIOS = ["baseline", "push", "e2e", "slow", "memory", "list"]
 SIZES = {  # jobs per scenario: full run, and --quick
-    "full": {"push": 20000, "e2e": 20000, "slow": 10000, "memory": 100000, "list": 100000},
+    "full": {"push": 10000, "e2e": 10000, "slow": 10000, "memory": 100000, "list": 100000},
     "quick": {"push": 2000, "e2e": 2000, "slow": 1000, "memory": 5000, "list": 5000},
 }
 # Server config per scenario (the issue's reference points), before --set overrides.
@@ -45,7 +45,7 @@ CONFIGS = {
     "list": {"dispatchers": 2, "max_workers": 100},
 }
 # Figures where smaller is better; every other figure is higher-is-better.
-LOWER_IS_BETTER = re.compile(r"(_ms|_s|_bytes|_mb|lost|duplicates|unexpected|errors|client_cpu)$")
+LOWER_IS_BETTER = re.compile(r"(_ms|_s|_job|_mb|lost|duplicates|unexpected|errors|_cpu)$")
 # Keys only hq-gevent knows; a 1.x server (e.g. the Go HQ) refuses or ignores them.
 HQ_GEVENT_ONLY_KEYS = ("wal_fsync",)
 
@@ -126,8 +126,8 @@ def toml_dumps(config):
     return "".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items() if v is not None)
 
 
-def rss_bytes(pid):
-    """RSS of `pid` plus its descendants (a server command may be a wrapper)."""
+def _tree(pid):
+    """`pid` and its descendants (a server command may be a wrapper)."""
     parents = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -143,8 +143,12 @@ def rss_bytes(pid):
             if parent == p and child not in tree:
                 tree.add(child)
                 frontier.append(child)
+    return tree
+
+
+def rss_bytes(pid):
     total = 0
-    for p in tree:
+    for p in _tree(pid):
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -152,6 +156,34 @@ def rss_bytes(pid):
         except OSError:
             pass
     return total
+
+
+def cpu_seconds(pid):
+    """User + system CPU time used so far by `pid` and its descendants."""
+    total = 0
+    for p in _tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """Fraction of one core a process used between start() and figures()."""
+
+    def __init__(self, **procs):
+        self.procs = procs
+
+    def start(self):
+        self.t0 = time.monotonic()
+        self.c0 = {name: cpu_seconds(p.pid) for name, p in self.procs.items()}
+        return self
+
+    def figures(self):
+        elapsed = time.monotonic() - self.t0
+        return {f"{name}_cpu": r((cpu_seconds(p.pid) - self.c0[name]) / elapsed, 2) for name, p in self.procs.items()}
 
 
 class Worker:
@@ -334,6 +366,7 @@ def sc_push(ctx, side):
     n = ctx.n("push")
     worker = ctx.worker()
     server = ctx.server(side, "push", ctx.config("push", n))
+    meter = CpuMeter(server=server.proc, worker=worker.proc).start()
     res, acked = push(server, worker, n, ctx.opts, ctx.opts.timeout)
     lat = res.latencies()
     return {
@@ -342,7 +375,7 @@ def sc_push(ctx, side):
         "push_p99_ms": ms(load.percentile(lat, 99)),
         "errors": n - len(acked),
         "client_cpu": r(res.cpu, 2),
-    }
+    } | meter.figures()
 
 
 def sc_e2e(ctx, side):
@@ -351,12 +384,14 @@ def sc_e2e(ctx, side):
     worker = ctx.worker()
     server = ctx.server(side, "e2e", ctx.config("e2e", n))
     t_end = time.monotonic() + ctx.opts.timeout
+    meter = CpuMeter(server=server.proc, worker=worker.proc).start()
     res, acked = push(server, worker, n, ctx.opts, ctx.opts.timeout)
     push_end = time.monotonic()
     t_start = min(s for s, _ in acked) if acked else push_end
     arrivals = wait_delivered(worker, [i for _, i in acked], t_end)
     done = wait_job_status(server, acked[-1][1], "success", t_end) if acked else False
     t_done = time.monotonic()
+    cpu = meter.figures()
     lat = [arrivals[i][1] - sent for sent, i in acked if i in arrivals]
     figures = {
         "jobs_per_s": r(len(acked) / (t_done - t_start)) if done else None,
@@ -366,6 +401,7 @@ def sc_e2e(ctx, side):
         "errors": n - len(acked) + (0 if done else 1),
         "client_cpu": r(res.cpu, 2),
     }
+    figures.update(cpu)
     figures.update(delivery_figures(acked, arrivals))
     return figures
 
@@ -377,12 +413,14 @@ def sc_slow(ctx, side):
     worker = ctx.worker(sleep_ms=ctx.opts.slow_ms)
     server = ctx.server(side, "slow", ctx.config("slow", n))
     t_end = time.monotonic() + ctx.opts.timeout
+    meter = CpuMeter(server=server.proc, worker=worker.proc).start()
     res, acked = push(server, worker, n, ctx.opts, ctx.opts.timeout)
     push_end = time.monotonic()
     t_start = min(s for s, _ in acked) if acked else push_end
     arrivals = wait_delivered(worker, [i for _, i in acked], t_end)
     idle = wait_idle(server, t_end)
     t_done = time.monotonic()
+    cpu = meter.figures()
     stats = worker.stats()
     ideal = (push_end - t_start) + sleep_s
     figures = {
@@ -391,8 +429,11 @@ def sc_slow(ctx, side):
         "ideal_s": r(ideal, 3),
         "overhead_s": r(t_done - t_start - ideal, 3) if idle else None,
         "max_concurrency": stats["maxConcurrency"],
+        "pushes_per_s": r(len(acked) / (push_end - t_start)),
         "errors": n - len(acked) + (0 if idle else 1),
+        "client_cpu": r(res.cpu, 2),
     }
+    figures.update(cpu)
     figures.update(delivery_figures(acked, arrivals))
     return figures
 
