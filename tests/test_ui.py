@@ -73,7 +73,7 @@ class UI:
     def wait_refresh(self, after=None):
         """Wait until the dashboard has completed a load later than `after` (default: now)."""
         after = self.refreshes() if after is None else after
-        self.page.wait_for_function(f"+document.querySelector('#dashboard').dataset.refreshes > {after}")
+        self.page.wait_for_function(f"(document.querySelector('#dashboard')?.dataset.refreshes ?? -1) > {after}")
 
     def rows(self):
         """[(id, name, status text, status class)] as rendered, top to bottom."""
@@ -410,6 +410,8 @@ def test_phone_width_has_no_sideways_scrolling(make_server, worker, ui):
     ui.page.set_viewport_size({"width": 390, "height": 844})
     ui.open(srv)
     ui.no_horizontal_scroll()
+    # Rows are laid out to fit, not hidden in a sideways-scrolling table either.
+    assert ui.page.eval_on_selector(".table-wrap", "e => e.scrollWidth <= e.clientWidth")
     assert ui.page.is_visible("#next-page") and ui.page.is_visible("#pause")
     ui.shot("dashboard-phone.png", full_page=True)
     ui.open(srv, f"/job/{job['id']}")
