@@ -201,6 +201,8 @@ def test_auto_refresh_keeps_filters_and_scroll_and_can_pause(make_server, worker
 
     ui.page.click("#pause")
     assert ui.page.get_attribute("#pause", "aria-pressed") == "true"
+    assert "paused" in ui.page.text_content("#updated")
+    time.sleep(REFRESH_MS * 2 / 1000)  # a load already in flight when the button was pressed may still land
     count = ui.refreshes()
     hidden = srv.push(url=worker.url + "/w", name="keep-while-paused")
     srv.wait_job(hidden["id"])

@@ -177,7 +177,7 @@
     document.title = "Jobs — hq-gevent";
     const st = readQuery();
     const prevBegins = []; // begins of the pages before this one, for "Previous page"
-    let paused = false, timer = null, generation = 0, refreshes = 0;
+    let paused = false, timer = null, generation = 0, refreshes = 0, lastUpdate = null;
 
     const statEls = {};
     const statDefs = [
@@ -242,6 +242,8 @@
       firstBtn.disabled = !st.begin;
       prevBtn.disabled = prevBegins.length === 0;
       nextBtn.disabled = !nextId;
+      updated.textContent = (paused ? "Auto-refresh paused" : "Auto-refresh every " + REFRESH_MS / 1000 + " s") +
+        (lastUpdate ? " · updated " + lastUpdate.toLocaleTimeString() : "");
     }
 
     function applyFilters() {
@@ -328,12 +330,12 @@
         errors.push(listRes.reason.message);
         if (userAction) { nextId = null; tbody.replaceChildren(); pageInfo.textContent = ""; }
       }
+      lastUpdate = new Date(now);
       labels();
       if (errors.length) msgs.show(errors.join(" — "), "error"); else msgs.clear();
       window.scrollTo(window.scrollX, scrollY);
       refreshes++;
       view.dataset.refreshes = String(refreshes);
-      updated.textContent = (paused ? "Paused · " : "Auto-refresh on · ") + "updated " + new Date(now).toLocaleTimeString();
       if (!paused) timer = setTimeout(() => load(false), REFRESH_MS);
     }
 
