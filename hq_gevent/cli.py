@@ -396,7 +396,7 @@ def run_restart(args, parser):
 
 
 def run_wait(args, parser):
-    from hq_gevent.client import HQError
+    from hq_gevent.client import HQConnectionError, HQError
 
     client = make_client(args)
     pending = list(dict.fromkeys(args.ids))
@@ -405,13 +405,19 @@ def run_wait(args, parser):
     interval = 0.05
     while pending:
         for i in list(pending):
+            # A hung server must not hold `wait --timeout 5` for the client's full 30 s.
+            left = None if deadline is None else deadline - time.monotonic()
             try:
-                job = client.get(i)
+                job = client.get(i, timeout=None if left is None else min(client.timeout, max(1.0, left)))
             except HQError as e:
                 warn(e.error)
                 failed = True
                 pending.remove(i)
                 continue
+            except HQConnectionError:
+                if deadline is None or time.monotonic() < deadline:
+                    raise
+                break  # the time is up while the server was silent: report the timeout below
             if job.get("status") in FINISHED:
                 out(f"{i} {job['status']}")
                 failed = failed or job["status"] != "success"

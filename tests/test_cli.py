@@ -361,3 +361,17 @@ def test_wait_success_failure_timeout_and_pipeline(server, worker, tmp_path):
                        capture_output=True, text=True, cwd=str(ROOT), timeout=60)
     assert p.returncode == 0, p
     assert [line.split()[1] for line in lines(p.stdout)] == ["success", "success"]
+
+
+def test_wait_timeout_holds_even_when_the_server_is_silent():
+    listener = socket.socket()  # accepts connections (the backlog) but never answers
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    try:
+        started = time.monotonic()
+        p = hq("wait", "1", "--timeout", "0.5", "-a", f"http://127.0.0.1:{listener.getsockname()[1]}")
+        assert (p.returncode, p.stdout) == (2, ""), p
+        assert p.stderr == "error: timed out after 0.5s waiting for 1\n"
+        assert time.monotonic() - started < 10
+    finally:
+        listener.close()
