@@ -369,13 +369,20 @@ def sc_push(ctx, side):
     meter = CpuMeter(server=server.proc, worker=worker.proc).start()
     res, acked = push(server, worker, n, ctx.opts, ctx.opts.timeout)
     lat = res.latencies()
-    return {
+    figures = {
         "pushes_per_s": r(len(acked) / res.elapsed),
         "push_p50_ms": ms(load.percentile(lat, 50)),
         "push_p99_ms": ms(load.percentile(lat, 99)),
         "errors": n - len(acked),
         "client_cpu": r(res.cpu, 2),
     } | meter.figures()
+    # The same push by wrk (same job, same connections) on the same server: if wrk gets much
+    # more, the bench client is what limits pushes_per_s.
+    job = json.dumps({"url": f"{worker.url}/job", "name": "wrk", "payload": {"i": 0}}).encode()
+    w = wrk(f"http://{HOST}:{server.port}/job", ctx.opts.baseline_seconds, ctx.opts.concurrency, ctx.workdir, post=job)
+    figures["wrk_pushes_per_s"] = r(w[0]) if w else None
+    figures["client_vs_wrk"] = r(figures["pushes_per_s"] / w[0], 2) if w else None
+    return figures
 
 
 def sc_e2e(ctx, side):
@@ -513,20 +520,15 @@ def sc_list(ctx, side):
     return figures
 
 
-WRK_LUA = """wrk.method = "POST"
-wrk.body = '{"i":1}'
-wrk.headers["Content-Type"] = "application/json"
-"""
-
-
-def wrk(url, seconds, concurrency, workdir, post=False):
-    """wrk's requests/s and p50/p99 (s), or None when wrk is not installed."""
+def wrk(url, seconds, concurrency, workdir, post=None):
+    """wrk's requests/s and p50/p99 (s), or None when wrk is not installed. `post`: a JSON body."""
     if not shutil.which("wrk"):
         return None
     cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--latency"]
-    if post:
+    if post is not None:
         script = Path(workdir) / "post.lua"
-        script.write_text(WRK_LUA)
+        lua_body = json.dumps(post.decode())  # a JSON string literal is a valid Lua string literal here
+        script.write_text(f'wrk.method = "POST"\nwrk.body = {lua_body}\nwrk.headers["Content-Type"] = "application/json"\n')
         cmd += ["-s", str(script)]
     proc = spawn(cmd + [url], Path(workdir) / "wrk.log", stdout=subprocess.PIPE)
     out, _ = proc.communicate(timeout=seconds + 30)
@@ -553,13 +555,18 @@ def sc_baseline(ctx, side):
     post_raw = load.build_request("POST", "/job", b'{"i":1}', {"Content-Type": "application/json"})
     for label, trivial, raw in (("trivial", True, get_raw), ("worker", False, post_raw)):
         app = ctx.worker(trivial=trivial)
+        meter = CpuMeter(app=app.proc).start()
         rps, p50, p99, cpu, errors = load.run_for(HOST, app.port, raw, secs, conc)
         figures[f"{label}_client_rps"] = r(rps)
         figures[f"{label}_client_p50_ms"] = ms(p50)
         figures[f"{label}_client_cpu"] = r(cpu, 2)
-        w = wrk(f"{app.url}/" if trivial else f"{app.url}/job", secs, conc, ctx.workdir, post=not trivial)
+        # The app's own CPU share under each client: ~1.0 means the app, not the client, is the limit.
+        figures[f"{label}_app_cpu_client"] = meter.figures()["app_cpu"]
+        meter.start()
+        w = wrk(f"{app.url}/" if trivial else f"{app.url}/job", secs, conc, ctx.workdir, post=None if trivial else b'{"i":1}')
         figures[f"{label}_wrk_rps"] = r(w[0]) if w else None
         figures[f"{label}_wrk_p50_ms"] = ms(w[1]) if w else None
+        figures[f"{label}_app_cpu_wrk"] = meter.figures()["app_cpu"] if w else None
         # Near 1.0: the bench client drives the app as hard as wrk does, so it is not the limit.
         figures[f"{label}_client_vs_wrk"] = r(rps / w[0], 2) if w else None
         figures["errors"] = figures.get("errors", 0) + errors
@@ -619,14 +626,15 @@ class Context:
         """Stop the processes of one scenario run and drop its data dirs."""
         for obj in self._run_objs:
             obj.stop() if isinstance(obj, Server) else obj.close()
-            if isinstance(obj, Server):
+            if isinstance(obj, Server) and not self.opts.keep:
                 shutil.rmtree(obj.data_dir, ignore_errors=True)
         self._run_objs = []
 
     def end_round(self):
         for info in self.populated.values():
             info["server"].stop()
-            shutil.rmtree(info["server"].data_dir, ignore_errors=True)
+            if not self.opts.keep:
+                shutil.rmtree(info["server"].data_dir, ignore_errors=True)
         self.populated = {}
 
 
@@ -762,7 +770,10 @@ def main(argv=None):
             res = {"scenario": scenario, "rounds": opts.rounds}
             if scenario != "baseline":
                 res["n"] = ctx.n(scenario)
-                res["config"] = ctx.config(scenario, ctx.n(scenario))
+                for side, key in (("A", "config"), ("B", "config_b")):
+                    if side in ctx.sides:
+                        cfg = Server("", ctx.sides[side][1], workdir, "-", ctx.config(scenario, res["n"])).config
+                        res[key] = {k: v for k, v in cfg.items() if k not in ("addr", "data_dir")}
             a = median_figures(runs[scenario]["A"])
             if opts.compare and scenario != "baseline":
                 b = median_figures(runs[scenario]["B"])
