@@ -447,6 +447,7 @@ def test_keyboard_reaches_filters_jobs_and_actions(make_server, worker, ui):
     assert page.evaluate("document.activeElement.id") == "act-stop"
     page.keyboard.press("Enter")
     page.wait_for_selector(".msg-error")  # a finished job is not active: the server says so
+    assert page.evaluate("document.activeElement.id") == "act-stop"  # focus stays where the user was
 
 
 # --- serving --------------------------------------------------------------------------------------
@@ -463,8 +464,24 @@ def test_custom_basename_deep_links_and_redirect(make_server, worker, ui):
     ui.open(srv, f"/job/{job['id']}")  # a deep link loads the app straight away
     wait_text(ui.page, "#job-status", "success")
     assert any(urlsplit(u).path == f"/console/internal/job/{job['id']}" for u in ui.urls)
+    ui.open(srv, "/job/1")
+    assert "The job '1' is not found" in ui.page.text_content(".msg-error")
+    assert not ui.page.is_visible("#act-stop")
     ui.open(srv, "/no/such/page")
     ui.page.wait_for_selector("text=Page not found")
+
+
+def test_dashboard_reports_a_lost_server_and_recovers(make_server, worker, ui):
+    srv = make_server()
+    job = push_done(srv, worker, name="survivor")
+    ui.open(srv)
+    assert srv.stop() == 0
+    ui.page.wait_for_selector(".msg-error")
+    assert "Cannot reach the server" in ui.page.text_content(".msg-error")
+    assert ui.ids() == [job["id"]]  # the last good list stays on screen
+    srv.start()
+    ui.page.wait_for_selector(".msg-error", state="detached")
+    assert ui.ids() == [job["id"]]
 
 
 def test_ui_disabled_is_404(make_server):

@@ -386,9 +386,12 @@
     main.replaceChildren(view);
     let loads = 0;
 
+    // Buttons stay enabled while a request runs (disabling a focused button would throw keyboard
+    // focus back to the top of the page); `busy` drops extra clicks instead.
     function setBusy(b) {
       busy = b;
-      for (const btn of [...Object.values(buttons), confirmYes]) btn.disabled = b;
+      actions.setAttribute("aria-busy", b ? "true" : "false");
+      confirmBox.setAttribute("aria-busy", b ? "true" : "false");
     }
 
     function askDelete() {
