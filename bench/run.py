@@ -44,8 +44,8 @@ CONFIGS = {
     "memory": {"dispatchers": 2, "max_workers": 100},
     "list": {"dispatchers": 2, "max_workers": 100},
 }
-# Figures where smaller is better; every other figure is higher-is-better.
-LOWER_IS_BETTER = re.compile(r"(_ms|_s|_job|_mb|lost|duplicates|unexpected|errors|_cpu)$")
+# Figures where smaller is better (times, sizes, CPU, failures); rates (*_per_s) and the rest are higher-is-better.
+LOWER_IS_BETTER = re.compile(r"((?<!_per)_s|_ms|_job|_mb|lost|duplicates|unexpected|errors|_cpu)$")
 # Keys only hq-gevent knows; a 1.x server (e.g. the Go HQ) refuses or ignores them.
 HQ_GEVENT_ONLY_KEYS = ("wal_fsync",)
 
@@ -217,6 +217,23 @@ class Worker:
         stop(self.proc)
 
 
+def server_config(flavor, scenario_config):
+    """The TOML keys every bench server gets, then the scenario's."""
+    config = {
+        "addr": None,  # set at start
+        "data_dir": None,
+        "log_level": "warn",
+        "access_log_file": "/dev/null",  # so request logging is not what gets measured
+        "shutdown_timeout": 5,
+        "wal_fsync": "always",
+    }
+    config.update(scenario_config)
+    if flavor != "hq-gevent":
+        for key in HQ_GEVENT_ONLY_KEYS:
+            config.pop(key, None)
+    return config
+
+
 class Server:
     """One run of the server under test, from a command template with `{config}`."""
 
@@ -228,18 +245,8 @@ class Server:
         self.data_dir = self.workdir / f"{name}-data"
         self.config_path = self.workdir / f"{name}.toml"
         self.log_path = self.workdir / f"{name}.log"
-        self.config = {
-            "addr": None,
-            "data_dir": str(self.data_dir),
-            "log_level": "warn",
-            "access_log_file": "/dev/null",  # so request logging is not what gets measured
-            "shutdown_timeout": 5,
-            "wal_fsync": "always",
-        }
-        self.config.update(config)
-        if flavor != "hq-gevent":
-            for key in HQ_GEVENT_ONLY_KEYS:
-                self.config.pop(key, None)
+        self.config = server_config(flavor, config)
+        self.config["data_dir"] = str(self.data_dir)
         self.proc = None
         self.port = None
 
@@ -726,7 +733,7 @@ def build_parser():
     p.add_argument("--baseline-seconds", type=float, default=None, help="per baseline measurement (default 3; 1 with --quick)")
     p.add_argument("--list-reps", type=int, default=20, help="max repetitions per list query")
     p.add_argument("--list-seconds", type=float, default=5, help="time budget per list query (at least 3 repetitions)")
-    p.add_argument("--timeout", type=float, default=300, help="bound on each scenario's pushing and waiting (s)")
+    p.add_argument("--timeout", type=float, default=600, help="bound on each scenario's pushing and waiting (s)")
     p.add_argument("--json", dest="json_out", help="also append the JSON lines to this file")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs)")
     return p
@@ -772,8 +779,8 @@ def main(argv=None):
                 res["n"] = ctx.n(scenario)
                 for side, key in (("A", "config"), ("B", "config_b")):
                     if side in ctx.sides:
-                        cfg = Server("", ctx.sides[side][1], workdir, "-", ctx.config(scenario, res["n"])).config
-                        res[key] = {k: v for k, v in cfg.items() if k not in ("addr", "data_dir")}
+                        cfg = server_config(ctx.sides[side][1], ctx.config(scenario, res["n"]))
+                        res[key] = {k: v for k, v in cfg.items() if v is not None}
             a = median_figures(runs[scenario]["A"])
             if opts.compare and scenario != "baseline":
                 b = median_figures(runs[scenario]["B"])
