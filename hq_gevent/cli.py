@@ -46,7 +46,7 @@ def seconds(text):
         value = float(text)
     except ValueError:
         value = -1
-    if value < 0:
+    if not value >= 0:  # also refuses nan, which would never time out
         raise argparse.ArgumentTypeError(f"must be a number of seconds, not '{text}'")
     return value
 
