@@ -82,6 +82,14 @@ class UI:
             """trs => trs.map(tr => [tr.dataset.id, tr.querySelector('.name').textContent,
                                     tr.querySelector('.status').textContent, tr.querySelector('.status').className])""")]
 
+    def until(self, check, what, timeout=WAIT_MS / 1000):
+        """Poll `check` (bounded) until it is true; the page refreshes on its own meanwhile."""
+        deadline = time.monotonic() + timeout
+        while not check():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; the page shows {self.rows()}")
+            time.sleep(0.05)
+
     def ids(self):
         return [r[0] for r in self.rows()]
 
@@ -223,69 +231,60 @@ def test_filters_narrow_the_list_and_paging_walks_every_job(make_server, worker,
     failed = [srv.push(url=worker.url + "/w", name=f"beta-fail-{i}") for i in range(3)]
     for j in failed:
         srv.wait_job(j["id"])
-    all_ids = [j["id"] for j in jobs + failed]
+    newest_first = sorted((j["id"] for j in jobs + failed), key=int, reverse=True)
+    page = ui.page
 
     ui.open(srv)
-    ui.page.select_option("#f-limit", "10")
-    ui.page.wait_for_function("document.querySelectorAll('#jobs-body tr[data-id]').length === 10")
-    first_page = ui.ids()
+    page.select_option("#f-limit", "10")
+    ui.until(lambda: ui.ids() == newest_first[:10], "the first page of 10")
     seen = []
-    for _ in range(5):  # 23 jobs at 10 a page: 3 pages, bounded loop
-        seen += ui.ids()
-        if ui.page.is_disabled("#next-page"):
+    for n in range(5):  # 23 jobs at 10 a page: 3 pages; bounded loop
+        current = ui.ids()
+        seen += current
+        if page.is_disabled("#next-page"):
             break
-        before = ui.refreshes()
-        ui.page.click("#next-page")
-        ui.wait_refresh(before)
-    assert seen == sorted(all_ids, key=int, reverse=True)
-    assert ui.page.is_disabled("#next-page")
-    ui.page.click("#prev-page")
-    ui.page.wait_for_function("document.querySelectorAll('#jobs-body tr[data-id]').length === 10")
-    assert ui.ids() == seen[10:20]
-    before = ui.refreshes()
-    ui.page.click("#first-page")
-    ui.wait_refresh(before)
-    assert ui.ids() == first_page and ui.page.is_disabled("#first-page")
+        page.click("#next-page")
+        ui.until(lambda: ui.ids() and ui.ids()[0] != current[0], f"page {n + 2}")
+    assert seen == newest_first
+    assert page.is_disabled("#next-page")
+    page.click("#prev-page")
+    ui.until(lambda: ui.ids() == newest_first[10:20], "the previous page")
+    page.click("#first-page")
+    ui.until(lambda: ui.ids() == newest_first[:10], "the first page again")
+    assert page.is_disabled("#first-page") and page.is_disabled("#prev-page")
 
-    before = ui.refreshes()
-    ui.page.click("#order")
-    ui.wait_refresh(before)
-    assert ui.ids() == sorted(all_ids, key=int)[:10]
-    assert "oldest" in ui.page.text_content("#order")
+    page.click("#order")
+    ui.until(lambda: ui.ids() == newest_first[::-1][:10], "oldest first")
+    assert "oldest" in page.text_content("#order")
 
-    ui.page.select_option("#f-limit", "50")
-    ui.page.fill("#f-name", "^alpha-")
-    before = ui.refreshes()
-    ui.page.click("#apply")
-    ui.wait_refresh(before)
-    assert sorted(r[1] for r in ui.rows()) == sorted(f"alpha-{i}" for i in range(0, 20, 2))
+    page.select_option("#f-limit", "50")
+    page.fill("#f-name", "^alpha-")
+    page.click("#apply")
+    alphas = [j["id"] for j in jobs[::2]]
+    ui.until(lambda: ui.ids() == alphas, "the name filter")
+    assert all(r[1].startswith("alpha-") for r in ui.rows())
 
-    ui.page.fill("#f-name", "")
-    ui.page.fill("#f-term", "^c-7$")  # term also matches the comment
-    before = ui.refreshes()
-    ui.page.press("#f-term", "Enter")
-    ui.wait_refresh(before)
-    assert ui.ids() == [jobs[7]["id"]]
+    page.fill("#f-name", "")
+    page.fill("#f-term", "^c-7$")  # term also matches the comment
+    page.press("#f-term", "Enter")
+    ui.until(lambda: ui.ids() == [jobs[7]["id"]], "the term filter")
 
-    ui.page.fill("#f-term", "")
-    before = ui.refreshes()
-    ui.page.select_option("#f-status", "failure")
-    ui.wait_refresh(before)
-    assert sorted(ui.ids()) == sorted(j["id"] for j in failed)
+    page.fill("#f-term", "")
+    page.select_option("#f-status", "failure")  # a select applies at once
+    ui.until(lambda: ui.ids() == [j["id"] for j in failed], "the status filter")
     assert {r[2] for r in ui.rows()} == {"failure"}
 
     # A bad regex: the server's own error text is shown, not a blank table.
     status, body = srv.api("GET", "/job?name=%28")
     assert status == 422
-    ui.page.fill("#f-name", "(")
-    ui.page.press("#f-name", "Enter")
-    ui.page.wait_for_selector(".msg-error")
-    assert body["error"] in ui.page.text_content(".msg-error")
+    page.fill("#f-name", "(")
+    page.press("#f-name", "Enter")
+    page.wait_for_selector(".msg-error")
+    assert body["error"] in page.text_content(".msg-error")
 
-    before = ui.refreshes()
-    ui.page.click("#clear")
-    ui.wait_refresh(before)
-    assert len(ui.ids()) == 23 and not ui.page.is_visible(".msg-error")
+    page.click("#clear")
+    ui.until(lambda: ui.ids() == newest_first[::-1], "all jobs, oldest first, after Clear")
+    assert not page.is_visible(".msg-error")
 
 
 # --- the job page -------------------------------------------------------------------------------
