@@ -108,6 +108,41 @@ def cleanup():
             log(f"cleanup of pid {proc.pid}: {exc}")
 
 
+def machine():
+    """What the figures depend on, recorded with them."""
+    import platform
+
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        mem_kb = 0
+    fs = "?"
+    tmp = os.path.realpath(tempfile.gettempdir())
+    try:  # the filesystem the data dirs live on: fsync cost is most of a durable push
+        best = ""
+        for line in Path("/proc/mounts").read_text().splitlines():
+            dev, mnt, kind = line.split()[:3]
+            if (tmp + "/").startswith(mnt.rstrip("/") + "/") and len(mnt) >= len(best):
+                best, fs = mnt, f"{kind} ({dev})"
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "mem_gib": round(mem_kb / 2**20, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "gevent": gevent.__version__,
+        "tmp_fs": f"{tmp}: {fs}",
+        "load_avg_at_start": round(os.getloadavg()[0], 2),
+    }
+
+
 def free_port():
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -554,10 +589,29 @@ def wrk(url, seconds, concurrency, workdir, post=None):
     return float(m.group(1)), lat(50), lat(99)
 
 
+def fsync_latency(workdir, seconds):
+    """p50/p99 of append + fsync on the data dirs' filesystem: the floor under a durable push."""
+    times = []
+    path = Path(workdir) / "fsync-probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        stop_at = time.monotonic() + seconds
+        while len(times) < 1000 and (len(times) < 10 or time.monotonic() < stop_at):
+            t0 = time.monotonic()
+            os.write(fd, b'{"probe": "a job record of about this size, give or take a few bytes"}\n')
+            os.fsync(fd)
+            times.append(time.monotonic() - t0)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return load.percentile(times, 50), load.percentile(times, 99)
+
+
 def sc_baseline(ctx, side):
     """The machine's limit: the bench client vs wrk against a trivial gevent.pywsgi app and the worker."""
     secs, conc = ctx.opts.baseline_seconds, ctx.opts.concurrency
-    figures = {}
+    p50, p99 = fsync_latency(ctx.workdir, min(secs, 2.0))
+    figures = {"fsync_p50_ms": ms(p50), "fsync_p99_ms": ms(p99)}
     get_raw = load.build_request("GET", "/")
     post_raw = load.build_request("POST", "/job", b'{"i":1}', {"Content-Type": "application/json"})
     for label, trivial, raw in (("trivial", True, get_raw), ("worker", False, post_raw)):
@@ -760,6 +814,7 @@ def main(argv=None):
     gevent.signal_handler(signal.SIGTERM, lambda: main_greenlet.throw(KeyboardInterrupt))
     workdir = tempfile.mkdtemp(prefix="hq-bench-")
     ctx = Context(opts, workdir)
+    about = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine()}
     results = []
     try:
         runs = {s: {side: [] for side in ctx.sides} for s in scenarios}
@@ -792,7 +847,7 @@ def main(argv=None):
                 res["figures"] = a
                 if opts.rounds > 1:
                     res["runs"] = runs[scenario]["A"]
-            results.append(res)
+            results.append(res | about)
     except KeyboardInterrupt:
         log("interrupted; stopping child processes")
         return 130
@@ -807,6 +862,9 @@ def main(argv=None):
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
+    m = about["machine"]
+    print(f"# {about['when']}  {m['cpu']} x{m['cores']}, {m['mem_gib']} GiB, Linux {m['kernel']}, "
+          f"Python {m['python']}, gevent {m['gevent']}, {m['tmp_fs']}, load {m['load_avg_at_start']}")
     if opts.compare:
         plain = [res for res in results if "ratio" not in res]
         if plain:
