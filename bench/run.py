@@ -48,6 +48,7 @@ CONFIGS = {
 LOWER_IS_BETTER = re.compile(r"((?<!_per)_s|_ms|_job|_mb|lost|duplicates|unexpected|errors|_cpu)$")
 # Keys only hq-gevent knows; a 1.x server (e.g. the Go HQ) refuses or ignores them.
 HQ_GEVENT_ONLY_KEYS = ("wal_fsync",)
+FINISHED = ("success", "failure", "canceled", "unknown")
 
 children = []  # every live Popen, for cleanup
 
@@ -347,13 +348,19 @@ def push(server, worker, n, opts, deadline_s):
     acked = []
     for sent, status, body in zip(res.sent, res.status, res.body):
         if status == 200:
-            acked.append((sent, json.loads(body)["id"]))
+            acked.append((sent, str(json.loads(body)["id"])))
     return res, acked
 
 
-def wait_delivered(worker, ids, deadline):
-    """Poll the worker until every id has arrived; returns the arrivals map (maybe incomplete)."""
+def wait_delivered(worker, server, ids, deadline):
+    """Poll the worker until every id has arrived; returns the arrivals map (maybe incomplete).
+
+    Gives up early when the server has been idle (nothing waiting or running) for 2 s while ids
+    are still missing: those jobs are lost, and waiting out the whole bound would not find them.
+    """
     want = len(ids)
+    idle_since = None
+    next_idle_check = time.monotonic() + 0.5
     while time.monotonic() < deadline:
         if worker.stats()["unique"] >= want:
             arrivals = worker.arrivals()
@@ -362,23 +369,36 @@ def wait_delivered(worker, ids, deadline):
             gevent.sleep(0.2)  # extra ids arrived (failed pushes that were stored); keep waiting
         else:
             gevent.sleep(0.005)
+        if time.monotonic() >= next_idle_check:
+            next_idle_check = time.monotonic() + 0.5
+            if server_idle(server):
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since > 2.0:
+                    break
+            else:
+                idle_since = None
     return worker.arrivals()
 
 
-def wait_job_status(server, job_id, status, deadline):
+def wait_finished(server, job_id, deadline):
+    """Until the job has finished; returns its status (None if the bound passed first)."""
     while time.monotonic() < deadline:
         code, job = server.get_json(f"/job/{job_id}")
-        if code == 200 and job.get("status") == status:
-            return True
+        if code == 200 and job.get("status") in FINISHED:
+            return job["status"]
         gevent.sleep(0.005)
-    return False
+    return None
+
+
+def server_idle(server):
+    code, stats = server.get_json("/stats")
+    return code == 200 and stats.get("numWaitingJobs") == 0 and stats.get("numRunningJobs") == 0
 
 
 def wait_idle(server, deadline):
     """Until the server reports nothing waiting or running (1.x /stats names)."""
     while time.monotonic() < deadline:
-        code, stats = server.get_json("/stats")
-        if code == 200 and stats.get("numWaitingJobs") == 0 and stats.get("numRunningJobs") == 0:
+        if server_idle(server):
             return True
         gevent.sleep(0.02)
     return False
@@ -437,8 +457,9 @@ def sc_e2e(ctx, side):
     res, acked = push(server, worker, n, ctx.opts, ctx.opts.timeout)
     push_end = time.monotonic()
     t_start = min(s for s, _ in acked) if acked else push_end
-    arrivals = wait_delivered(worker, [i for _, i in acked], t_end)
-    done = wait_job_status(server, acked[-1][1], "success", t_end) if acked else False
+    arrivals = wait_delivered(worker, server, [i for _, i in acked], t_end)
+    complete = bool(acked) and all(i in arrivals for _, i in acked)
+    done = complete and wait_finished(server, acked[-1][1], t_end) == "success"
     t_done = time.monotonic()
     cpu = meter.figures()
     lat = [arrivals[i][1] - sent for sent, i in acked if i in arrivals]
@@ -466,7 +487,7 @@ def sc_slow(ctx, side):
     res, acked = push(server, worker, n, ctx.opts, ctx.opts.timeout)
     push_end = time.monotonic()
     t_start = min(s for s, _ in acked) if acked else push_end
-    arrivals = wait_delivered(worker, [i for _, i in acked], t_end)
+    arrivals = wait_delivered(worker, server, [i for _, i in acked], t_end)
     idle = wait_idle(server, t_end)
     t_done = time.monotonic()
     cpu = meter.figures()
@@ -499,7 +520,7 @@ def populate(ctx, side, scenario):
     rss0 = server.rss()
     t_end = time.monotonic() + ctx.opts.timeout
     res, acked = push(server, worker, n, ctx.opts, ctx.opts.timeout)
-    arrivals = wait_delivered(worker, [i for _, i in acked], t_end)
+    arrivals = wait_delivered(worker, server, [i for _, i in acked], t_end)
     idle = wait_idle(server, t_end)
     info = {"server": server, "n": n, "rss0": rss0, "acked": acked, "arrivals": arrivals, "idle": idle, "res": res}
     ctx.populated[key] = info

@@ -41,7 +41,7 @@ def start_worker(*args):
 def test_every_scenario_runs_and_loses_nothing(tmp_path):
     out = tmp_path / "bench.jsonl"
     proc, results = run_bench(
-        ["--quick", "--n", "60", "--slow-ms", "200", "--baseline-seconds", "0.5", "--list-reps", "3", "--json", str(out)]
+        ["--quick", "--n", "60", "--set", "push.max_workers=3", "--slow-ms", "200", "--baseline-seconds", "0.5", "--list-reps", "3", "--json", str(out)]
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert sorted(results) == sorted(["baseline", "push", "e2e", "slow", "memory", "list"]), proc.stdout
@@ -55,7 +55,8 @@ def test_every_scenario_runs_and_loses_nothing(tmp_path):
     assert e2e["jobs_per_s"] > 0 and e2e["latency_p50_ms"] is not None
     assert results["slow"]["figures"]["max_concurrency"] >= 2  # ample max_workers ran jobs side by side
     assert results["memory"]["figures"]["jobs_after_restart"] == 60
-    assert results["push"]["config"]["max_workers"] == 0
+    assert results["push"]["config"]["max_workers"] == 3 and results["e2e"]["config"]["max_workers"] == 100
+    assert results["push"]["config"]["wal_fsync"] == "always"
     # The table is there too, and --json got the same lines.
     assert re.search(r"^e2e\s+lost\s+0$", proc.stdout, re.M), proc.stdout
     assert [json.loads(line)["scenario"] for line in out.read_text().splitlines()] == list(results)
@@ -70,6 +71,7 @@ def test_compare_alternates_and_reports_ratios():
     assert res["rounds"] == 3 and len(res["a"]["runs"]) == 3 and len(res["b"]["runs"]) == 3
     for side in ("a", "b"):
         assert res[side]["figures"]["lost"] == 0 and res[side]["figures"]["duplicates"] == 0
+    assert "wal_fsync" in res["config"] and "wal_fsync" not in res["config_b"]  # a 1.x server gets 1.x keys only
     assert res["ratio"]["jobs_per_s"] > 0
     order = re.findall(r"e2e \[(A|B)\] round", proc.stderr)
     assert order == ["A", "B"] * 3, proc.stderr
@@ -90,7 +92,12 @@ class H(http.server.BaseHTTPRequestHandler):
         self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
         self.wfile.write(body)
     def do_GET(self):
-        self.reply({"status": "waiting"} if self.path.startswith("/job/") else {"version": "fake"})
+        if self.path.startswith("/job/"):
+            self.reply({"status": "waiting"})
+        elif self.path.startswith("/stats"):
+            self.reply({"numWaitingJobs": 0, "numRunningJobs": 0})  # idle, so the bench stops waiting
+        else:
+            self.reply({"version": "fake"})
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
         self.reply({"id": str(next(ids)), "status": "waiting"})
@@ -101,7 +108,8 @@ http.server.ThreadingHTTPServer((host, int(port)), H).serve_forever()
 def test_a_server_that_loses_jobs_is_reported(tmp_path):
     fake = tmp_path / "fake_hq.py"
     fake.write_text(FAKE_SERVER)
-    proc, results = run_bench(["e2e", "--n", "20", "--timeout", "3", "--server", f"{sys.executable} {fake} {{config}}"])
+    # The 300 s bound is not waited out: the server says it is idle, so the missing jobs are lost.
+    proc, results = run_bench(["e2e", "--n", "20", "--timeout", "300", "--server", f"{sys.executable} {fake} {{config}}"], timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     figures = results["e2e"]["figures"]
     assert figures["lost"] == 20 and figures["jobs_per_s"] is None and figures["errors"] >= 1, figures
