@@ -47,7 +47,7 @@ CONFIGS = {
 # Figures where smaller is better (times, sizes, CPU, failures); rates (*_per_s) and the rest are higher-is-better.
 LOWER_IS_BETTER = re.compile(r"((?<!_per)_s|_ms|_job|_mb|lost|duplicates|unexpected|errors|_cpu)$")
 # Keys only hq-gevent knows; a 1.x server (e.g. the Go HQ) refuses or ignores them.
-HQ_GEVENT_ONLY_KEYS = ("wal_fsync",)
+HQ_GEVENT_ONLY_KEYS = ("wal_fsync", "max_output_bytes", "max_body_bytes", "wal_compact_min_bytes", "wal_compact_ratio")
 FINISHED = ("success", "failure", "canceled", "unknown")
 
 children = []  # every live Popen, for cleanup
