@@ -273,7 +273,10 @@ def server_config(flavor, scenario_config):
 class Server:
     """One run of the server under test, from a command template with `{config}`."""
 
-    def __init__(self, template, flavor, workdir, name, config):
+    def __init__(self, template, flavor, workdir, name, config, profile_dir=None):
+        self.profile_dir = profile_dir
+        self.profiler = None
+        self.profiles = 0
         self.template = template
         self.flavor = flavor
         self.workdir = Path(workdir)
@@ -307,7 +310,9 @@ class Server:
                     break
                 try:
                     if load.get(HOST, self.port, "/", timeout=2)[0] == 200:
-                        return time.monotonic() - t0
+                        ready = time.monotonic() - t0
+                        self._attach_profiler()
+                        return ready
                 except (ConnectionError, OSError, ValueError):
                     pass
                 gevent.sleep(0.01)
@@ -325,8 +330,57 @@ class Server:
         return rss_bytes(self.proc.pid)
 
     def stop(self):
+        self._detach_profiler()
         if self.proc is not None:
             stop(self.proc, timeout=self.config.get("shutdown_timeout", 10) + 10)
+
+    def _attach_profiler(self):
+        """With --profile: py-spy samples the server until stop(), without pausing it."""
+        if not self.profile_dir:
+            return
+        self.profiles += 1
+        self.profile_path = Path(self.profile_dir) / f"{self.name}-{self.profiles}.txt"
+        cmd = ["py-spy", "record", "--pid", str(self.proc.pid), "--subprocesses", "--nonblocking",
+               "--rate", "250", "--format", "raw", "--output", str(self.profile_path)]
+        plog = self.workdir / f"{self.name}-py-spy.log"
+        self.profiler = spawn(cmd, plog)
+        deadline = time.monotonic() + 10
+        while "Sampling" not in tail(plog) and time.monotonic() < deadline:
+            if self.profiler.poll() is not None:
+                raise RuntimeError(f"py-spy failed:\n{tail(plog)}")
+            gevent.sleep(0.05)
+
+    def _detach_profiler(self):
+        if self.profiler is None:
+            return
+        stop(self.profiler, signal.SIGINT, 30)  # SIGINT: py-spy writes its output, then exits
+        self.profiler = None
+        if self.profile_path.exists():
+            summary = profile_summary(self.profile_path.read_text())
+            self.profile_path.with_suffix(".top.txt").write_text(summary)
+            log(f"profile {self.profile_path} (top frames in {self.profile_path.with_suffix('.top.txt').name}):\n{summary}")
+
+
+def profile_summary(raw, top=15):
+    """The frames with the most samples, by self and by inclusive count, from py-spy's raw format."""
+    own, incl, total = {}, {}, 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        # --subprocesses puts a `process PID:"cmd"` root frame; alone it means no Python frame.
+        frames = [f for f in stack.split(";") if not f.startswith("process ")] or ["(no Python frame: idle or native)"]
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for frame in set(frames):
+            incl[frame] = incl.get(frame, 0) + n
+    out = [f"{total} samples"]
+    for title, table in (("self", own), ("inclusive", incl)):
+        out.append(f"-- by {title} --")
+        for frame, n in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
+            out.append(f"{100.0 * n / max(total, 1):5.1f}%  {frame}")
+    return "\n".join(out) + "\n"
 
 
 # --- building blocks ------------------------------------------------------------------------
@@ -698,7 +752,7 @@ class Context:
     def server(self, side, scenario, config, keep=False):
         self._seq += 1
         template, flavor = self.sides[side]
-        srv = Server(template, flavor, self.workdir, f"{scenario}-{side}-{self._seq}", config)
+        srv = Server(template, flavor, self.workdir, f"{scenario}-{side}-{self._seq}", config, self.opts.profile)
         srv.start()
         if not keep:
             self._run_objs.append(srv)
@@ -811,6 +865,7 @@ def build_parser():
     p.add_argument("--timeout", type=float, default=600, help="bound on each scenario's pushing and waiting (s)")
     p.add_argument("--json", dest="json_out", help="also append the JSON lines to this file")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs)")
+    p.add_argument("--profile", metavar="DIR", help="sample every server with py-spy; raw stacks and top frames go to DIR")
     return p
 
 
@@ -829,6 +884,11 @@ def main(argv=None):
     opts.server_flavor = flavor_of(opts.server, opts.server_flavor)
     if opts.compare:
         opts.compare_flavor = flavor_of(opts.compare, opts.compare_flavor)
+    if opts.profile:
+        if not shutil.which("py-spy"):
+            build_parser().error("--profile needs py-spy (python3 -m pip install py-spy)")
+        os.makedirs(opts.profile, exist_ok=True)
+        opts.profile = os.path.abspath(opts.profile)
 
     main_greenlet = gevent.getcurrent()
     # SIGTERM behaves like Ctrl-C: unwind through the finally below, which kills every child.

@@ -19,6 +19,9 @@ import requests
 
 from conftest import ROOT, require_tool
 
+sys.path.insert(0, str(ROOT))  # bench/ is not installed with the package; plain `pytest` must find it too
+from bench.run import profile_summary  # noqa: E402
+
 BENCH = [sys.executable, "-m", "bench"]
 CORRECTNESS = ("lost", "duplicates", "unexpected", "errors")
 
@@ -190,3 +193,26 @@ def test_interrupt_kills_every_child(sig):
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not [p for p in pids if _alive(p)]
+
+
+def test_profile_summary_ranks_frames_by_self_and_inclusive_samples():
+    raw = (
+        'process 1:"python -m hq_gevent";run (hub.py:1);handle (api.py:5);fsync (wal.py:9) 6\n'
+        'process 1:"python -m hq_gevent";run (hub.py:1);handle (api.py:5) 3\n'
+        'process 1:"python -m hq_gevent" 1\n'
+    )
+    text = profile_summary(raw)
+    self_part, incl_part = text.split("-- by inclusive --")
+    assert text.startswith("10 samples")
+    assert self_part.index("60.0%  fsync (wal.py:9)") < self_part.index("30.0%  handle (api.py:5)")
+    assert "10.0%  (no Python frame: idle or native)" in self_part
+    assert "90.0%  run (hub.py:1)" in incl_part and "process 1" not in text
+
+
+@pytest.mark.skipif(not __import__("shutil").which("py-spy"), reason="py-spy not installed (optional: --profile only)")
+def test_profile_writes_stacks_and_top_frames(tmp_path):
+    proc, results = run_bench(["e2e", "--n", "200", "--profile", str(tmp_path)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    tops = list(tmp_path.glob("e2e-A-*.top.txt"))
+    assert len(tops) == 1 and "samples" in tops[0].read_text()
+    assert "hq_gevent" in tops[0].with_suffix("").with_suffix(".txt").read_text()
