@@ -1,4 +1,4 @@
-"""The bench's load client: keep-alive HTTP/1.1 over raw gevent sockets, many greenlets.
+"""The bench's load client: keep-alive HTTP/1.1 on non-blocking sockets, many gevent greenlets.
 
 Requests are prebuilt bytes and response bodies are kept raw (decoded after the clock stops),
 so the timed loop is just send, recv, find the header end and Content-Length. Each run reports
@@ -81,6 +81,7 @@ class Conn:
                 continue  # a spurious wake-up
             if not data:
                 raise ConnectionError("connection closed by server")
+            self.got_bytes = True
             return data
 
     def _send(self, raw):
@@ -102,14 +103,18 @@ class Conn:
         fresh = self.sock is None
         if fresh:
             self._connect()
+        self.got_bytes = False
         try:
             self._send(raw)
             return self._read_response()
         except (ConnectionError, OSError):
             self.close()
-            if fresh:
+            if fresh or self.got_bytes:
                 raise
-            # A kept-alive connection the server had already closed: one retry on a new one.
+            # Nothing came back on a kept-alive connection: the stale keep-alive case (the server
+            # closed it while idle), so one retry on a new one. Should a server take the request
+            # and then drop the connection, the retry pushes a second job, and the e2e scenario
+            # shows it as `unexpected`, never as a silent success.
             self._connect()
             self._send(raw)
             return self._read_response()
