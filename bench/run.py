@@ -498,6 +498,8 @@ def sc_push(ctx, side):
     w = wrk(f"http://{HOST}:{server.port}/job", ctx.opts.baseline_seconds, ctx.opts.concurrency, ctx.workdir, post=job)
     figures["wrk_pushes_per_s"] = r(w[0]) if w else None
     figures["client_vs_wrk"] = r(figures["pushes_per_s"] / w[0], 2) if w else None
+    if ctx.baseline_rps:  # this round's trivial-app rate: issue 6 wants durable push >= 60% of it
+        figures["vs_baseline"] = r(figures["pushes_per_s"] / ctx.baseline_rps, 2)
     return figures
 
 
@@ -707,6 +709,7 @@ def sc_baseline(ctx, side):
         figures[f"{label}_client_vs_wrk"] = r(rps / w[0], 2) if w else None
         figures["errors"] = figures.get("errors", 0) + errors
         app.close()
+    ctx.baseline_rps = figures["trivial_client_rps"]
     return figures
 
 
@@ -727,6 +730,7 @@ class Context:
         self.populated = {}
         self._run_objs = []
         self._seq = 0
+        self.baseline_rps = None  # set by this round's baseline, if it runs
 
     def n(self, scenario):
         return self.sizes[scenario]

@@ -58,6 +58,7 @@ def test_every_scenario_runs_and_loses_nothing(tmp_path):
     assert e2e["jobs_per_s"] > 0 and e2e["latency_p50_ms"] is not None
     assert results["slow"]["figures"]["max_concurrency"] >= 2  # ample max_workers ran jobs side by side
     assert results["memory"]["figures"]["jobs_after_restart"] == 60
+    assert results["push"]["figures"]["vs_baseline"] > 0  # push relative to this run's baseline
     assert results["push"]["config"]["max_workers"] == 3 and results["e2e"]["config"]["max_workers"] == 100
     assert results["push"]["config"]["wal_fsync"] == "always"
     # The table is there too, and --json got the same lines.
