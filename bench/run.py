@@ -936,8 +936,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         log("interrupted; stopping child processes")
         return 130
-    except RuntimeError as exc:  # a server that would not start or answer: say why, no traceback
+    except (RuntimeError, OSError) as exc:  # a server that would not start, or went away: say why
         log(f"error: {exc}")
+        if not opts.keep:
+            log("rerun with --keep to keep the configs and the servers' logs")
         return 1
     finally:
         ctx.end_run()
