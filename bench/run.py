@@ -240,16 +240,20 @@ class Worker:
             raise RuntimeError(f"worker did not start:\n{tail(self.log_path)}")
         self.port = int(line.rsplit(":", 1)[1])
         self.url = f"http://{HOST}:{self.port}"
+        # One kept-alive connection for polling: a connection per poll would pile up
+        # thousands of TIME_WAIT ports during a long wait and could exhaust the ephemeral range.
+        self.control = load.Conn(HOST, self.port, timeout=60)
 
     def stats(self):
-        status, body = load.get(HOST, self.port, "/stats")
+        status, body = self.control.request(load.build_request("GET", "/stats"))
         return json.loads(body)
 
     def arrivals(self):
-        status, body = load.get(HOST, self.port, "/arrivals", timeout=60)
+        status, body = self.control.request(load.build_request("GET", "/arrivals"))
         return json.loads(body)
 
     def close(self):
+        self.control.close()
         stop(self.proc)
 
 
@@ -288,6 +292,7 @@ class Server:
         self.config["data_dir"] = str(self.data_dir)
         self.proc = None
         self.port = None
+        self.control = None
 
     def start(self, timeout=30.0):
         """Start and wait for `GET /` to answer; returns seconds from exec to the first answer."""
@@ -322,8 +327,10 @@ class Server:
             children.remove(self.proc)
         raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{tail(self.log_path)}")
 
-    def get_json(self, path, timeout=30):
-        status, body = load.get(HOST, self.port, path, timeout=timeout)
+    def get_json(self, path):
+        if self.control is None:
+            self.control = load.Conn(HOST, self.port, timeout=60)  # kept alive, as for the worker
+        status, body = self.control.request(load.build_request("GET", path))
         return status, json.loads(body)
 
     def rss(self):
@@ -331,6 +338,9 @@ class Server:
 
     def stop(self):
         self._detach_profiler()
+        if self.control is not None:
+            self.control.close()
+            self.control = None
         if self.proc is not None:
             stop(self.proc, timeout=self.config.get("shutdown_timeout", 10) + 10)
 
