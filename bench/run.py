@@ -910,47 +910,29 @@ def main(argv=None):
     workdir = tempfile.mkdtemp(prefix="hq-bench-")
     ctx = Context(opts, workdir)
     about = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine()}
-    results = []
+    runs = {s: {side: [] for side in ctx.sides} for s in scenarios}
+    status = None
     try:
-        runs = {s: {side: [] for side in ctx.sides} for s in scenarios}
         for rnd in range(opts.rounds):
             for scenario in scenarios:
                 # baseline measures the machine, not a server: once per round.
                 for side in (["A"] if scenario == "baseline" else ctx.sides):
                     log(f"{scenario} [{side}] round {rnd + 1}/{opts.rounds}")
                     try:
-                        runs[scenario][side].append(RUNNERS[scenario](ctx, side))
+                        figures = RUNNERS[scenario](ctx, side)
                     finally:
                         ctx.end_run()
+                    runs[scenario][side].append(figures)
+                    log(f"{scenario} [{side}] round {rnd + 1}: {json.dumps(figures, separators=(',', ':'))}")
             ctx.end_round()
-        for scenario in scenarios:
-            res = {"scenario": scenario, "rounds": opts.rounds}
-            if scenario != "baseline":
-                res["n"] = ctx.n(scenario)
-                for side, key in (("A", "config"), ("B", "config_b")):
-                    if side in ctx.sides:
-                        cfg = server_config(ctx.sides[side][1], ctx.config(scenario, res["n"]))
-                        res[key] = {k: v for k, v in cfg.items() if v is not None}
-            a = median_figures(runs[scenario]["A"])
-            if opts.compare and scenario != "baseline":
-                b = median_figures(runs[scenario]["B"])
-                res["a"] = {"server": opts.server, "figures": a, "runs": runs[scenario]["A"]}
-                res["b"] = {"server": opts.compare, "figures": b, "runs": runs[scenario]["B"]}
-                res["ratio"] = {k: (r(a[k] / b[k], 3) if a[k] is not None and b.get(k) else None) for k in a}
-            else:
-                res["server"] = None if scenario == "baseline" else opts.server
-                res["figures"] = a
-                if opts.rounds > 1:
-                    res["runs"] = runs[scenario]["A"]
-            results.append(res | about)
     except KeyboardInterrupt:
-        log("interrupted; stopping child processes")
-        return 130
+        log("interrupted; stopping child processes (the runs that finished are reported)")
+        status = 130
     except (RuntimeError, OSError) as exc:  # a server that would not start, or went away: say why
         log(f"error: {exc}")
         if not opts.keep:
             log("rerun with --keep to keep the configs and the servers' logs")
-        return 1
+        status = 1
     finally:
         ctx.end_run()
         cleanup()
@@ -959,23 +941,11 @@ def main(argv=None):
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    m = about["machine"]
-    print(f"# {about['when']}  {m['cpu']} x{m['cores']}, {m['mem_gib']} GiB, Linux {m['kernel']}, "
-          f"Python {m['python']}, gevent {m['gevent']}, {m['tmp_fs']}, load {m['load_avg_at_start']}")
-    if opts.compare:
-        plain = [res for res in results if "ratio" not in res]
-        if plain:
-            print_table(plain, False)
-            print()
-        print_table([res for res in results if "ratio" in res], True)
-    else:
-        print_table(results, False)
-    lines = [json.dumps(res, separators=(",", ":")) for res in results]
-    for line in lines:
-        print(line)
-    if opts.json_out:
-        with open(opts.json_out, "a") as f:
-            f.write("".join(line + "\n" for line in lines))
+    results = summarize(ctx, runs, about)
+    if results:
+        report(results, opts, about)
+    if status is not None:
+        return status
     # Exit 2 when any run lost, duplicated or failed something, so CI and scripts can gate on it.
     bad = any(
         (figs.get(k) or 0) > 0
@@ -984,3 +954,52 @@ def main(argv=None):
         for k in ("lost", "duplicates", "unexpected", "errors")
     )
     return 2 if bad else 0
+
+
+def summarize(ctx, runs, about):
+    """One result per scenario that ran: medians (and A/B ratios) over its rounds."""
+    opts, results = ctx.opts, []
+    for scenario, by_side in runs.items():
+        if not by_side["A"]:
+            continue
+        res = {"scenario": scenario, "rounds": len(by_side["A"])}
+        if scenario != "baseline":
+            res["n"] = ctx.n(scenario)
+            for side, key in (("A", "config"), ("B", "config_b")):
+                if side in ctx.sides:
+                    cfg = server_config(ctx.sides[side][1], ctx.config(scenario, res["n"]))
+                    res[key] = {k: v for k, v in cfg.items() if v is not None}
+        a = median_figures(by_side["A"])
+        if by_side.get("B"):
+            b = median_figures(by_side["B"])
+            res["a"] = {"server": opts.server, "figures": a, "runs": by_side["A"]}
+            res["b"] = {"server": opts.compare, "figures": b, "runs": by_side["B"]}
+            res["ratio"] = {k: (r(a[k] / b[k], 3) if a[k] is not None and b.get(k) else None) for k in a}
+        else:
+            res["server"] = None if scenario == "baseline" else opts.server
+            res["figures"] = a
+            if len(by_side["A"]) > 1:
+                res["runs"] = by_side["A"]
+        results.append(res | about)
+    return results
+
+
+def report(results, opts, about):
+    """The table on stdout, then one JSON line per scenario (also appended to --json)."""
+    m = about["machine"]
+    print(f"# {about['when']}  {m['cpu']} x{m['cores']}, {m['mem_gib']} GiB, Linux {m['kernel']}, "
+          f"Python {m['python']}, gevent {m['gevent']}, {m['tmp_fs']}, load {m['load_avg_at_start']}")
+    plain = [res for res in results if "ratio" not in res]
+    compared = [res for res in results if "ratio" in res]
+    if plain:
+        print_table(plain, False)
+    if plain and compared:
+        print()
+    if compared:
+        print_table(compared, True)
+    lines = [json.dumps(res, separators=(",", ":")) for res in results]
+    for line in lines:
+        print(line)
+    if opts.json_out:
+        with open(opts.json_out, "a") as f:
+            f.write("".join(line + "\n" for line in lines))

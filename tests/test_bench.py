@@ -77,7 +77,7 @@ def test_compare_alternates_and_reports_ratios():
         assert res[side]["figures"]["lost"] == 0 and res[side]["figures"]["duplicates"] == 0
     assert "wal_fsync" in res["config"] and "wal_fsync" not in res["config_b"]  # a 1.x server gets 1.x keys only
     assert res["ratio"]["jobs_per_s"] > 0
-    order = re.findall(r"e2e \[(A|B)\] round", proc.stderr)
+    order = re.findall(r"e2e \[(A|B)\] round \d+/", proc.stderr)
     assert order == ["A", "B"] * 3, proc.stderr
     assert "A/B" in proc.stdout
     assert run_bench(["e2e", "--compare", default, "--rounds", "2"])[0].returncode != 0
@@ -169,27 +169,33 @@ def _alive(pid):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_interrupt_kills_every_child(sig):
-    # SIGINT/SIGTERM: the bench unwinds and stops its children; SIGKILL: they get PDEATHSIG.
-    # Jobs held 20 s by the worker: the bench is surely mid-scenario when the signal lands.
+    # SIGINT/SIGTERM: the bench unwinds, stops its children and reports the scenario that had
+    # finished; SIGKILL: the children get PDEATHSIG. The slow scenario's worker holds jobs 20 s,
+    # so the bench is surely mid-scenario when the signal lands.
     proc = subprocess.Popen(
-        BENCH + ["slow", "--n", "20", "--slow-ms", "20000"], cwd=str(ROOT), stderr=subprocess.PIPE, text=True
+        BENCH + ["push", "slow", "--n", "20", "--slow-ms", "20000", "--baseline-seconds", "0.5"],
+        cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    pids, deadline = [], time.monotonic() + 30
+    pids, deadline = [], time.monotonic() + 60
     try:
         for line in proc.stderr:
-            m = re.search(r"started \S+ pid (\d+)", line)
+            m = re.search(r"started (\S+) pid (\d+)", line)
             if m:
-                pids.append(int(m.group(1)))
-            if len(pids) == 2 or time.monotonic() > deadline:
-                break
-        assert len(pids) == 2, pids  # the worker and the server
+                pids.append(int(m.group(2)))
+                if m.group(1).startswith("slow-"):
+                    break
+            assert time.monotonic() < deadline, pids
+        assert len(pids) == 4, pids  # push's worker and server, slow's worker and server
         time.sleep(1)
         proc.send_signal(sig)
-        assert proc.wait(30) == (-9 if sig == signal.SIGKILL else 130)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == (-9 if sig == signal.SIGKILL else 130)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    if sig != signal.SIGKILL:
+        assert [json.loads(line)["scenario"] for line in out.splitlines() if line.startswith("{")] == ["push"]
     deadline = time.monotonic() + 5
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
