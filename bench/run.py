@@ -12,6 +12,7 @@ import argparse
 import ctypes
 import json
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -111,8 +112,6 @@ def cleanup():
 
 def machine():
     """What the figures depend on, recorded with them."""
-    import platform
-
     cpu = "?"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -577,18 +576,21 @@ def sc_slow(ctx, side):
 def populate(ctx, side, scenario):
     """A server holding n finished jobs; shared by memory and list within one round."""
     n = ctx.n(scenario)
-    key = (side, n)
+    config = ctx.config(scenario, n)
+    key = (side, n, json.dumps(config, sort_keys=True))
     if key in ctx.populated:
         return ctx.populated[key]
     worker = ctx.worker()
-    server = ctx.server(side, scenario, ctx.config(scenario, n), keep=True)
+    server = ctx.server(side, scenario, config, keep=True)
     gevent.sleep(0.5)  # let start-up allocations settle before the idle reading
     rss0 = server.rss()
-    t_end = time.monotonic() + ctx.opts.timeout
+    t0 = time.monotonic()
+    t_end = t0 + ctx.opts.timeout
     res, acked = push(server, worker, n, ctx.opts, ctx.opts.timeout)
     arrivals = wait_delivered(worker, server, [i for _, i in acked], t_end)
     idle = wait_idle(server, t_end)
-    info = {"server": server, "n": n, "rss0": rss0, "acked": acked, "arrivals": arrivals, "idle": idle, "res": res}
+    fill_rate = len(acked) / (time.monotonic() - t0)
+    info = {"server": server, "n": n, "rss0": rss0, "acked": acked, "arrivals": arrivals, "idle": idle, "fill_rate": fill_rate}
     ctx.populated[key] = info
     return info
 
@@ -604,6 +606,7 @@ def sc_memory(ctx, side):
     gevent.sleep(0.5)
     rss2 = server.rss()
     figures = {
+        "fill_jobs_per_s": r(info["fill_rate"]),  # pushing and running the n jobs, e2e at this size
         "rss_idle_mb": r(info["rss0"] / 2**20),
         "rss_mb": r(rss1 / 2**20),
         "bytes_per_job": r((rss1 - info["rss0"]) / n, 0),
