@@ -834,13 +834,16 @@ def parse_sizes(text):
     if text is None:
         return {}
     if "=" not in text:
-        return {name: int(text) for name in SIZES["full"]}
-    sizes = {}
-    for part in text.split(","):
-        name, _, value = part.partition("=")
-        if name not in SIZES["full"]:
-            raise argparse.ArgumentTypeError(f"unknown scenario in --n: {name}")
-        sizes[name] = int(value)
+        sizes = {name: int(text) for name in SIZES["full"]}
+    else:
+        sizes = {}
+        for part in text.split(","):
+            name, _, value = part.partition("=")
+            if name not in SIZES["full"]:
+                raise argparse.ArgumentTypeError(f"unknown scenario in --n: {name}")
+            sizes[name] = int(value)
+    if any(n < 1 for n in sizes.values()):
+        raise argparse.ArgumentTypeError("--n wants at least 1 job")
     return sizes
 
 
