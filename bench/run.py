@@ -303,7 +303,7 @@ class Server:
             cmd = [arg.replace("{config}", str(self.config_path)) for arg in shlex.split(self.template)]
             env = dict(os.environ)
             env.pop("HQ_CONFIG", None)
-            if self.template == DEFAULT_SERVER:
+            if self.flavor == "hq-gevent":  # this checkout's hq_gevent, installed or not
                 env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
             t0 = time.monotonic()
             self.proc = spawn(cmd, self.log_path, env=env)
