@@ -600,7 +600,9 @@ def sc_memory(ctx, side):
     info = populate(ctx, side, "memory")
     server, n = info["server"], info["n"]
     rss1 = server.rss()
+    t0 = time.monotonic()
     server.stop()
+    stop_s = time.monotonic() - t0
     restart_s = server.start()
     code, stats = server.get_json("/stats")
     gevent.sleep(0.5)
@@ -610,7 +612,8 @@ def sc_memory(ctx, side):
         "rss_idle_mb": r(info["rss0"] / 2**20),
         "rss_mb": r(rss1 / 2**20),
         "bytes_per_job": r((rss1 - info["rss0"]) / n, 0),
-        "restart_s": r(restart_s, 3),
+        "stop_s": r(stop_s, 3),  # SIGTERM to exit, nothing in flight
+        "restart_s": r(restart_s, 3),  # exec to the first answer, the log replayed
         "rss_restarted_mb": r(rss2 / 2**20),
         "jobs_after_restart": stats.get("numJobs"),
         "errors": n - len(info["acked"]) + (0 if info["idle"] else 1) + (0 if stats.get("numJobs") == n else 1),
