@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # System packages the test suite needs (idempotent): rpmbuild/rpmlint for the RPM checks,
-# systemd-analyze for the unit check, chromium for the UI tests, wrk for bench calibration.
+# systemd-analyze/systemd-nspawn/logrotate for the unit checks, chromium for the UI tests,
+# wrk for bench calibration.
 set -euo pipefail
 need=()
 command -v rpmbuild >/dev/null || need+=(rpm)
@@ -10,6 +11,8 @@ command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v chromium >/dev/null || need+=(chromium)
 command -v wrk >/dev/null || need+=(wrk)
 command -v cpio >/dev/null || need+=(cpio)
+command -v systemd-nspawn >/dev/null || need+=(systemd-container)
+command -v logrotate >/dev/null || need+=(logrotate)
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq

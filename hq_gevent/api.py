@@ -239,10 +239,13 @@ def add_ui_routes(app, basename):
     def redirect():
         bottle.redirect(basename + "/")
 
+    root = os.path.realpath(UI_DIR)
+
     def page(path=""):
-        target = os.path.realpath(os.path.join(UI_DIR, path))
-        if path and target.startswith(os.path.realpath(UI_DIR) + os.sep) and os.path.isfile(target):
-            return bottle.static_file(os.path.relpath(target, UI_DIR), root=UI_DIR)
+        # index.html always goes through index() so its basename placeholder is filled in.
+        target = os.path.realpath(os.path.join(root, path))
+        if path and path != "index.html" and target.startswith(root + os.sep) and os.path.isfile(target):
+            return bottle.static_file(os.path.relpath(target, root), root=root)
         return index()
 
     def index():

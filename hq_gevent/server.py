@@ -218,6 +218,8 @@ def _install_signals(stopping, server_log, access_log):
             access_log.reopen()
         log.info("Reopened log files")
 
+    # Past a file size limit a write must fail with EFBIG (answered 503), not kill the server.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     gevent.signal_handler(signal.SIGTERM, stop)
     gevent.signal_handler(signal.SIGINT, stop)
     gevent.signal_handler(signal.SIGUSR1, reopen)

@@ -139,7 +139,7 @@ class WriteAheadLog:
             if self._torn:
                 self._cut_back()
             if self.fsync_policy == "always":
-                self._threadpool.apply(self._write_and_sync, (data,))
+                self._in_thread(self._write_and_sync, data)
             else:
                 _write_fd(self.fd, data)
         except OSError as e:
@@ -159,6 +159,20 @@ class WriteAheadLog:
                     log.exception("Applying a logged change failed")
         batch.done.set()
 
+    def _in_thread(self, func, *args):
+        """Run blocking file I/O in the threadpool. An OSError comes back as a value and is
+        raised here: raised in the worker thread, gevent would try to print it — and on a
+        full disk that print fails too, losing the result and hanging the caller."""
+        def call():
+            try:
+                func(*args)
+            except OSError as e:
+                return e
+
+        error = self._threadpool.apply(call)
+        if error is not None:
+            raise error
+
     def _write_and_sync(self, data):
         _write_fd(self.fd, data)
         os.fsync(self.fd)
@@ -174,7 +188,7 @@ class WriteAheadLog:
         while not self._closed:
             gevent.sleep(1)
             try:
-                self._threadpool.apply(os.fsync, (self.fd,))
+                self._in_thread(os.fsync, self.fd)
             except OSError as e:
                 log.error("fsync of %s failed: %s", self.path, e)
 
@@ -205,13 +219,13 @@ class WriteAheadLog:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o640)
         try:
             for lines in snapshot:
-                self._threadpool.apply(_write_fd, (fd, b"".join(lines)))
+                self._in_thread(_write_fd, fd, b"".join(lines))
                 gevent.sleep(0)
             _test_pause("written")
-            self._threadpool.apply(os.fsync, (fd,))
+            self._in_thread(os.fsync, fd)
             _test_pause("fsynced")
             with self._switch:
-                self._threadpool.apply(self._copy_tail, (fd, start))
+                self._in_thread(self._copy_tail, fd, start)
                 os.rename(tmp, self.path)
                 _fsync_dir(os.path.dirname(self.path) or ".")
                 os.close(self.fd)

@@ -160,6 +160,10 @@ class HQServer:
             time.sleep(0.02)
 
 
+class _WorkerHTTPServer(http.server.ThreadingHTTPServer):
+    request_queue_size = 512  # the default 5 resets connections when many jobs arrive at once
+
+
 class WorkerApp:
     """A real worker app on 127.0.0.1 that records each request.
 
@@ -218,7 +222,7 @@ class WorkerApp:
 
             do_PUT = do_GET = do_POST
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _WorkerHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
