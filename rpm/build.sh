@@ -8,13 +8,15 @@
 # network access to the package index for the wheel download. rpmbuild itself runs offline: the
 # pinned wheels of rpm/requirements.txt and rpm/build-requirements.txt are packed as Source1.
 #
-# Environment: HQ_RPM_TOPDIR (default rpm/_build), HQ_RPM_PYTHON (default /usr/bin/python3.11),
-# PIP_PYTHON (a python with pip for `pip download`; default python3).
+# Environment: HQ_RPM_TOPDIR (rpmbuild's tree, default rpm/_build), HQ_RPM_WHEELS (the download
+# cache, default rpm/_build/wheels), HQ_RPM_PYTHON (default /usr/bin/python3.11), PIP_PYTHON
+# (a python with pip for `pip download`; default python3).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 src=$(dirname "$here")
 top=${HQ_RPM_TOPDIR:-$here/_build}
+wheels=${HQ_RPM_WHEELS:-$here/_build/wheels}
 venv_python=${HQ_RPM_PYTHON:-/usr/bin/python3.11}
 pip_python=${PIP_PYTHON:-python3}
 name=hq-gevent
@@ -25,7 +27,7 @@ arch=$(rpm --eval '%{_arch}')
 [ -x "$venv_python" ] || { echo "build.sh: $venv_python not found" >&2; exit 1; }
 pyver=$("$venv_python" -c 'import sys; print("%d%d" % sys.version_info[:2])')
 
-mkdir -p "$top"/{SOURCES,BUILD,BUILDROOT,RPMS,SRPMS,SPECS} "$top/wheels"
+mkdir -p "$top"/{SOURCES,BUILD,BUILDROOT,RPMS,SRPMS,SPECS} "$wheels"
 log() { echo "build.sh: $*" >&2; }
 
 # 1. Source0: the working tree as it is (tracked files plus new, not ignored ones), with the
@@ -49,21 +51,21 @@ tar -C "$stage" --owner=0 --group=0 --sort=name -czf "$top/SOURCES/$name-$versio
 
 # 2. Source1: the pinned wheels for CPython $pyver on this architecture. manylinux_2_28 is the
 #    newest tag accepted, so the binaries also load on EL8 (glibc 2.28). Downloads are cached
-#    in $top/wheels; only pinned files are taken (--no-deps), so an unpinned dependency makes
+#    in $wheels; only pinned files are taken (--no-deps), so an unpinned dependency makes
 #    the offline install in %install fail instead of slipping in.
 platforms=()
 for tag in manylinux_2_28 manylinux_2_27 manylinux_2_26 manylinux_2_25 manylinux_2_24 \
            manylinux_2_17 manylinux2014 manylinux_2_12 manylinux2010 manylinux_2_5 manylinux1; do
   platforms+=(--platform "${tag}_${arch}")
 done
-log "downloading pinned wheels into $top/wheels"
+log "downloading pinned wheels into $wheels"
 "$pip_python" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
   --implementation cp --python-version "${pyver:0:1}.${pyver:1}" --abi "cp$pyver" "${platforms[@]}" \
-  -d "$top/wheels" -r "$here/requirements.txt" -r "$here/build-requirements.txt" >&2
+  -d "$wheels" -r "$here/requirements.txt" -r "$here/build-requirements.txt" >&2
 wheel_stage="$stage/wheels"
 mkdir "$wheel_stage"
 # Only the wheels the pins name (the cache may hold older ones).
-"$pip_python" - "$top/wheels" "$wheel_stage" "$here/requirements.txt" "$here/build-requirements.txt" <<'PY'
+"$pip_python" - "$wheels" "$wheel_stage" "$here/requirements.txt" "$here/build-requirements.txt" <<'PY'
 import os, re, shutil, sys
 cache, dest, *reqs = sys.argv[1:]
 canon = lambda s: re.sub(r"[-_.]+", "-", s).lower()
