@@ -501,10 +501,15 @@ def sc_push(ctx, side):
         "errors": n - len(acked),
         "client_cpu": r(res.cpu, 2),
     } | meter.figures()
-    # The same push by wrk (same job, same connections) on the same server: if wrk gets much
-    # more, the bench client is what limits pushes_per_s.
+    # The same push by wrk (same job, same number of connections) on a fresh server of the same
+    # config: if wrk gets much more, the bench client is what limits pushes_per_s. Fresh, because
+    # the first server is still dispatching its backlog, which would slow wrk down.
     job = json.dumps({"url": f"{worker.url}/job", "name": "wrk", "payload": {"i": 0}}).encode()
-    w = wrk(f"http://{HOST}:{server.port}/job", ctx.opts.baseline_seconds, ctx.opts.concurrency, ctx.workdir, post=job)
+    w = None
+    if shutil.which("wrk"):
+        server.stop()
+        server2 = ctx.server(side, "push", ctx.config("push", n))
+        w = wrk(f"http://{HOST}:{server2.port}/job", ctx.opts.baseline_seconds, ctx.opts.concurrency, ctx.workdir, post=job)
     figures["wrk_pushes_per_s"] = r(w[0]) if w else None
     figures["client_vs_wrk"] = r(figures["pushes_per_s"] / w[0], 2) if w else None
     if ctx.baseline_rps:  # this round's trivial-app rate: issue 6 wants durable push >= 60% of it
