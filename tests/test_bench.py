@@ -185,7 +185,7 @@ def test_interrupt_kills_every_child(sig):
                 if m.group(1).startswith("slow-"):
                     break
             assert time.monotonic() < deadline, pids
-        assert len(pids) == 4, pids  # push's worker and server, slow's worker and server
+        assert len(pids) >= 4, pids  # push's worker and server(s: one more for wrk), slow's worker and server
         time.sleep(1)
         proc.send_signal(sig)
         out, _ = proc.communicate(timeout=30)
