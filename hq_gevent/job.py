@@ -1,5 +1,6 @@
 """The job record: its fields, its derived status, its log form, and validation of a pushed job."""
 import re
+import sys
 from urllib.parse import urlsplit
 
 import ujson
@@ -128,14 +129,22 @@ class Job:
 
     @classmethod
     def from_record(cls, rec):
-        (_, job_id, name, comment, url, payload, headers, timeout,
-         waiting, started, finished, flags, code, output, err) = rec
-        job = cls(job_id, name, comment, url, payload, headers, timeout)
-        job.waiting = bool(waiting)
-        job.started_at, job.finished_at = started, finished
-        job.success, job.failure, job.canceled = bool(flags & SUCCESS), bool(flags & FAILURE), bool(flags & CANCELED)
-        job.status_code, job.output, job.err = code, output, err
+        job = cls.__new__(cls)
+        job.load_record(rec)
+        job.record_size = 0
         return job
+
+    def load_record(self, rec):
+        """Set every field from a log record (replay: the hot loop of start-up)."""
+        (_, job_id, name, self.comment, url, self.payload, self.headers, self.timeout,
+         waiting, self.started_at, self.finished_at, flags, self.status_code, self.output, self.err) = rec
+        if type(job_id) is not int:
+            raise ValueError("the job id is not an integer")
+        self.id = job_id
+        # Names and urls repeat across many jobs: one shared string each saves memory.
+        self.name, self.url = sys.intern(name), sys.intern(url)
+        self.waiting, self.running = waiting == 1, False
+        self.success, self.failure, self.canceled = bool(flags & SUCCESS), bool(flags & FAILURE), bool(flags & CANCELED)
 
 
 # --- validation of a pushed job --------------------------------------------------------

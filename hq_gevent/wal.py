@@ -73,22 +73,24 @@ class WriteAheadLog:
     def _replay(self, fd, apply):
         """Returns the offset just past the last whole line."""
         offset = 0
-        line_no = 0
+        lines_done = 0
         tail = b""
+        loads = ujson.loads
         while True:
             chunk = os.read(fd, READ_CHUNK)
             if not chunk:
                 return offset
-            lines = (tail + chunk).split(b"\n")
+            data = tail + chunk
+            lines = data.split(b"\n")
             tail = lines.pop()  # no newline yet: maybe the rest is in the next chunk, maybe torn
-            for line in lines:
-                line_no += 1
+            for index, line in enumerate(lines):
                 try:
-                    apply(ujson.loads(line), len(line) + 1)
+                    apply(loads(line), len(line) + 1)
                 except (ValueError, TypeError, KeyError, IndexError) as e:
-                    raise WalCorrupt(f"{self.path}:{line_no}: bad record ({e}); refusing to start. "
+                    raise WalCorrupt(f"{self.path}:{lines_done + index + 1}: bad record ({e}); refusing to start. "
                                      "Move the file aside or repair that line.") from None
-                offset += len(line) + 1
+            lines_done += len(lines)
+            offset += len(data) - len(tail)
 
     # --- appending -----------------------------------------------------------------
     def open(self, threadpool):

@@ -193,7 +193,9 @@ def test_compaction_rewrites_to_the_live_set_and_keeps_later_writes(tmp_path):
     store.close()
     again = reload(tmp_path)
     assert again.ids == ids_[90:] + late
-    assert again.live_bytes == again.wal.size == os.path.getsize(os.path.join(tmp_path, "jobs.jsonl"))
+    assert again.wal.size == os.path.getsize(os.path.join(tmp_path, "jobs.jsonl"))
+    # A job pushed during the rewrite may be both in the snapshot and in the copied tail.
+    assert again.live_bytes <= again.wal.size <= again.live_bytes + 7 * again.jobs[late[0]].record_size
 
 
 def test_leftover_rewrite_file_is_removed(tmp_path):
