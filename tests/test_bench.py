@@ -4,7 +4,6 @@
 No timing assertions: figures on a shared CI machine are not facts about the code.
 """
 import json
-import os
 import re
 import shlex
 import signal
