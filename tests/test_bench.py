@@ -4,6 +4,7 @@
 No timing assertions: figures on a shared CI machine are not facts about the code.
 """
 import json
+import os
 import re
 import shlex
 import signal
@@ -25,8 +26,13 @@ BENCH = [sys.executable, "-m", "bench"]
 CORRECTNESS = ("lost", "duplicates", "unexpected", "errors")
 
 
-def run_bench(args, timeout=120):
-    proc = subprocess.run(BENCH + args, cwd=str(ROOT), capture_output=True, text=True, timeout=timeout)
+def bench_env(tmp_path):
+    # The bench's temporary directory goes under pytest's, so even a SIGKILLed bench leaves nothing in /tmp.
+    return dict(os.environ, TMPDIR=str(tmp_path))
+
+
+def run_bench(args, tmp_path, timeout=120):
+    proc = subprocess.run(BENCH + args, cwd=str(ROOT), capture_output=True, text=True, timeout=timeout, env=bench_env(tmp_path))
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     return proc, {res["scenario"]: res for res in lines}
 
@@ -43,7 +49,7 @@ def start_worker(*args):
 def test_every_scenario_runs_and_loses_nothing(tmp_path):
     out = tmp_path / "bench.jsonl"
     proc, results = run_bench(
-        ["--quick", "--n", "60", "--set", "push.max_workers=3", "--slow-ms", "200", "--baseline-seconds", "0.5", "--list-reps", "3", "--json", str(out)]
+        tmp_path=tmp_path, args=["--quick", "--n", "60", "--set", "push.max_workers=3", "--slow-ms", "200", "--baseline-seconds", "0.5", "--list-reps", "3", "--json", str(out)]
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert sorted(results) == sorted(["baseline", "push", "e2e", "slow", "memory", "list"]), proc.stdout
@@ -65,10 +71,10 @@ def test_every_scenario_runs_and_loses_nothing(tmp_path):
     assert [json.loads(line)["scenario"] for line in out.read_text().splitlines()] == list(results)
 
 
-def test_compare_alternates_and_reports_ratios():
+def test_compare_alternates_and_reports_ratios(tmp_path):
     # B is the same server run as a foreign 1.x one (no hq-gevent-only config keys).
     default = f"{shlex.quote(sys.executable)} -m hq_gevent serve -c {{config}}"
-    proc, results = run_bench(["e2e", "--n", "40", "--compare", default, "--compare-flavor", "hq1"])
+    proc, results = run_bench(["e2e", "--n", "40", "--compare", default, "--compare-flavor", "hq1"], tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     res = results["e2e"]
     assert res["rounds"] == 3 and len(res["a"]["runs"]) == 3 and len(res["b"]["runs"]) == 3
@@ -79,7 +85,7 @@ def test_compare_alternates_and_reports_ratios():
     order = re.findall(r"e2e \[(A|B)\] round \d+/", proc.stderr)
     assert order == ["A", "B"] * 3, proc.stderr
     assert "A/B" in proc.stdout
-    assert run_bench(["e2e", "--compare", default, "--rounds", "2"])[0].returncode != 0
+    assert run_bench(["e2e", "--compare", default, "--rounds", "2"], tmp_path)[0].returncode != 0
 
 
 FAKE_SERVER = r'''
@@ -112,14 +118,14 @@ def test_a_server_that_loses_jobs_is_reported(tmp_path):
     fake = tmp_path / "fake_hq.py"
     fake.write_text(FAKE_SERVER)
     # The 300 s bound is not waited out: the server says it is idle, so the missing jobs are lost.
-    proc, results = run_bench(["e2e", "--n", "20", "--timeout", "300", "--server", f"{sys.executable} {fake} {{config}}"], timeout=60)
+    proc, results = run_bench(["e2e", "--n", "20", "--timeout", "300", "--server", f"{sys.executable} {fake} {{config}}"], tmp_path, timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     figures = results["e2e"]["figures"]
     assert figures["lost"] == 20 and figures["jobs_per_s"] is None and figures["errors"] >= 1, figures
 
 
-def test_a_server_that_does_not_start_is_an_error():
-    proc, results = run_bench(["push", "--n", "5", "--server", f"{sys.executable} -c 'raise SystemExit(3)' {{config}}"])
+def test_a_server_that_does_not_start_is_an_error(tmp_path):
+    proc, results = run_bench(["push", "--n", "5", "--server", f"{sys.executable} -c 'raise SystemExit(3)' {{config}}"], tmp_path)
     assert proc.returncode == 1 and not results
     assert "exited with 3" in proc.stderr, proc.stderr
 
@@ -148,9 +154,9 @@ def test_worker_counts_duplicates_and_concurrency():
         proc.wait(10)
 
 
-def test_baseline_measures_the_client_against_wrk():
+def test_baseline_measures_the_client_against_wrk(tmp_path):
     require_tool("wrk", "the baseline checks the bench client against wrk")
-    proc, results = run_bench(["baseline", "--baseline-seconds", "0.5", "--concurrency", "8"])
+    proc, results = run_bench(["baseline", "--baseline-seconds", "0.5", "--concurrency", "8"], tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     figures = results["baseline"]["figures"]
     for label in ("trivial", "worker"):
@@ -167,13 +173,13 @@ def _alive(pid):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
-def test_interrupt_kills_every_child(sig):
+def test_interrupt_kills_every_child(sig, tmp_path):
     # SIGINT/SIGTERM: the bench unwinds, stops its children and reports the scenario that had
     # finished; SIGKILL: the children get PDEATHSIG. The slow scenario's worker holds jobs 20 s,
     # so the bench is surely mid-scenario when the signal lands.
     proc = subprocess.Popen(
         BENCH + ["push", "slow", "--n", "20", "--slow-ms", "20000", "--baseline-seconds", "0.5"],
-        cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=bench_env(tmp_path),
     )
     pids, deadline = [], time.monotonic() + 60
     try:
@@ -217,8 +223,8 @@ def test_profile_summary_ranks_frames_by_self_and_inclusive_samples():
 
 @pytest.mark.skipif(not __import__("shutil").which("py-spy"), reason="py-spy not installed (optional: --profile only)")
 def test_profile_writes_stacks_and_top_frames(tmp_path):
-    proc, results = run_bench(["e2e", "--n", "200", "--profile", str(tmp_path)])
+    proc, results = run_bench(["e2e", "--n", "200", "--profile", str(tmp_path / "prof")], tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    tops = list(tmp_path.glob("e2e-A-*.top.txt"))
+    tops = list((tmp_path / "prof").glob("e2e-A-*.top.txt"))
     assert len(tops) == 1 and "samples" in tops[0].read_text()
     assert "hq_gevent" in tops[0].with_suffix("").with_suffix(".txt").read_text()
