@@ -48,9 +48,8 @@ def start_worker(*args):
 
 def test_every_scenario_runs_and_loses_nothing(tmp_path):
     out = tmp_path / "bench.jsonl"
-    proc, results = run_bench(
-        tmp_path=tmp_path, args=["--quick", "--n", "60", "--set", "push.max_workers=3", "--slow-ms", "200", "--baseline-seconds", "0.5", "--list-reps", "3", "--json", str(out)]
-    )
+    args = ["--quick", "--n", "60", "--set", "push.max_workers=3", "--slow-ms", "200", "--baseline-seconds", "0.5"]
+    proc, results = run_bench(args + ["--list-reps", "3", "--json", str(out)], tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert sorted(results) == sorted(["baseline", "push", "e2e", "slow", "memory", "list"]), proc.stdout
     for name, res in results.items():
