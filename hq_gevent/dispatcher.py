@@ -20,7 +20,7 @@ class Dispatchers:
     def __init__(self, store, config):
         self.store = store
         self.config = config
-        self.delivery = Delivery(config.max_output_bytes)
+        self.delivery = Delivery(config.max_output_bytes, config.dispatchers * max(1, config.max_workers))
         self.pools = [gevent.pool.Pool(max(1, config.max_workers)) for _ in range(config.dispatchers)]
         self.loops = []
         self.requests = {}  # job id -> greenlet of its worker request (killed by stop)
