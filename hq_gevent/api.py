@@ -137,7 +137,8 @@ def query_regex(name):
 
 # --- routes ----------------------------------------------------------------------------
 def make_app(store, dispatchers, config):
-    app = bottle.Bottle(catchall=True, autojson=False)
+    app = bottle.Bottle(catchall=True)
+    app.uninstall(True)  # bottle's JSON and template plugins: we render ourselves, they only cost time
     app.install(handle_errors)
     add_api_routes(app, "", store, dispatchers, config)
     if config.ui:

@@ -33,6 +33,17 @@ def rfc3339(ts=None):
     return datetime.fromtimestamp(ts if ts is not None else time.time()).astimezone().isoformat(timespec="seconds")
 
 
+_now_cache = [0, ""]
+
+
+def rfc3339_now():
+    """The current second in RFC 3339, formatted once per second (every access line needs it)."""
+    second = int(time.time())
+    if second != _now_cache[0]:
+        _now_cache[:] = [second, rfc3339(second)]
+    return _now_cache[1]
+
+
 class LogFormatter(logging.Formatter):
     NAMES = {"WARNING": "WARN", "CRITICAL": "ERROR"}
 
@@ -83,7 +94,7 @@ class AccessLogHandler(WSGIHandler):
         env = self.environ or {}
         latency = (self.time_finish - self.time_start) if self.time_finish else 0
         return ujson.dumps({
-            "time": rfc3339(),
+            "time": rfc3339_now(),
             "remote_ip": self.client_address[0] if isinstance(self.client_address, tuple) else "",
             "host": env.get("HTTP_HOST", ""),
             "method": self.command,
