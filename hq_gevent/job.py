@@ -150,6 +150,7 @@ class Job:
 # --- validation of a pushed job --------------------------------------------------------
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _BAD_VALUE = re.compile(r"[\r\n\x00]")
+_BAD_URL_CHAR = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
 def _string(body, key, default):
@@ -162,7 +163,7 @@ def _string(body, key, default):
 
 
 def validate_url(url):
-    if any(c.isspace() or ord(c) < 32 for c in url):
+    if _BAD_URL_CHAR.search(url):
         raise InvalidJob(422, f"'url' must be an absolute http or https URL without spaces: {url!r}")
     try:
         parts = urlsplit(url)

@@ -291,3 +291,26 @@ def test_keep_alive_responses_do_not_stall(srv):
         session.get(srv.url + "/")
         times.append(time.monotonic() - started)
     assert sorted(times)[10] < 0.030
+
+
+def raw_request(srv, head):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+        s.sendall(head)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+def test_request_header_parsing_limits(srv):
+    ok = raw_request(srv, b"GET /stats HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n b\r\nConnection: close\r\n\r\n")
+    assert ok.startswith(b"HTTP/1.1 200")
+    many = b"".join(b"X-%d: v\r\n" % i for i in range(150))
+    assert raw_request(srv, b"GET / HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n").startswith(b"HTTP/1.1 400")
+    assert raw_request(srv, b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n").startswith(b"HTTP/1.1 400")
+    assert srv.api("GET", "/")[0] == 200
