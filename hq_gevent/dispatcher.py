@@ -105,9 +105,8 @@ class Dispatchers:
         """Take no more jobs; give running ones `timeout` seconds, then abandon them unrecorded
         (the log still has them waiting, so they run after the next start)."""
         gevent.killall(self.loops)
-        deadline_pools = [pool for pool in self.pools if len(pool)]
         with gevent.Timeout(timeout, False):
-            for pool in deadline_pools:
+            for pool in self.pools:
                 pool.join()
         abandoned = sum(len(pool) for pool in self.pools)
         if abandoned:
