@@ -18,7 +18,9 @@ setup(
     package_data={"hq_gevent": ["ui/*", "ui/**/*"]},
     python_requires=">=3.11",
     install_requires=[
-        "gevent>=23.9",
+        # server.py adapts two pywsgi handler internals (header parsing, one-send responses),
+        # checked against 23.9 and 26.9: a new major release must pass the tests first.
+        "gevent>=23.9,<27",
         "bottle>=0.12.25",
         "requests>=2.28",
         "ujson>=5.7",
