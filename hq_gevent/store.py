@@ -117,7 +117,10 @@ class Store:
             self._backlog_ready.clear()
 
     def queue_usage(self):
-        return self.queue.qsize()
+        """Waiting jobs in the queue now. A job stopped while queued keeps its slot until a
+        dispatcher drops it; counting only the still-waiting ones (at most `queues` to look at)
+        keeps the figure honest."""
+        return sum(1 for job in self.queue.queue if job.waiting)
 
     # --- index --------------------------------------------------------------------------
     def _insert_id(self, job_id):

@@ -181,7 +181,9 @@ def test_stop_waiting_job_never_reaches_the_worker(tmp_path, worker):
         assert srv.job(second["id"])["status"] == "waiting"
         status, body = srv.api("DELETE", f"/job/{second['id']}")
         assert (status, body["error"]) == (422, f"The job {second['id']} is waiting now")
+        assert srv.api("GET", "/stats")[1]["queueUsage"] == 1
         assert srv.api("POST", f"/job/{second['id']}/stop") == (200, {"id": second["id"]})
+        assert srv.api("GET", "/stats")[1]["queueUsage"] == 0  # its queue entry is stale now
         stopped = srv.job(second["id"])
         assert stopped["status"] == "canceled" and stopped["canceled"] is True
         assert stopped["success"] is False and stopped["failure"] is False
