@@ -517,17 +517,23 @@ def sc_push(ctx, side):
     return figures
 
 
-def sc_e2e(ctx, side):
-    """Push n jobs until the worker has every one and the last reads success."""
-    n = ctx.n("e2e")
-    worker = ctx.worker()
-    server = ctx.server(side, "e2e", ctx.config("e2e", n))
+def push_and_deliver(ctx, server, worker, n):
+    """Push n jobs under a CPU meter and wait until the worker has them (e2e and slow)."""
     t_end = time.monotonic() + ctx.opts.timeout
     meter = CpuMeter(server=server.proc, worker=worker.proc).start()
     res, acked = push(server, worker, n, ctx.opts, ctx.opts.timeout)
     push_end = time.monotonic()
     t_start = min(s for s, _ in acked) if acked else push_end
     arrivals = wait_delivered(worker, server, [i for _, i in acked], t_end)
+    return meter, res, acked, t_start, push_end, arrivals, t_end
+
+
+def sc_e2e(ctx, side):
+    """Push n jobs until the worker has every one and the last reads success."""
+    n = ctx.n("e2e")
+    worker = ctx.worker()
+    server = ctx.server(side, "e2e", ctx.config("e2e", n))
+    meter, res, acked, t_start, push_end, arrivals, t_end = push_and_deliver(ctx, server, worker, n)
     complete = bool(acked) and all(i in arrivals for _, i in acked)
     done = complete and wait_finished(server, acked[-1][1], t_end) == "success"
     t_done = time.monotonic()
@@ -552,12 +558,7 @@ def sc_slow(ctx, side):
     sleep_s = ctx.opts.slow_ms / 1000.0
     worker = ctx.worker(sleep_ms=ctx.opts.slow_ms)
     server = ctx.server(side, "slow", ctx.config("slow", n))
-    t_end = time.monotonic() + ctx.opts.timeout
-    meter = CpuMeter(server=server.proc, worker=worker.proc).start()
-    res, acked = push(server, worker, n, ctx.opts, ctx.opts.timeout)
-    push_end = time.monotonic()
-    t_start = min(s for s, _ in acked) if acked else push_end
-    arrivals = wait_delivered(worker, server, [i for _, i in acked], t_end)
+    meter, res, acked, t_start, push_end, arrivals, t_end = push_and_deliver(ctx, server, worker, n)
     idle = wait_idle(server, t_end)
     t_done = time.monotonic()
     cpu = meter.figures()

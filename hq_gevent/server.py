@@ -29,8 +29,8 @@ log = logging.getLogger("hq_gevent")
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
 
 
-def rfc3339(ts=None):
-    return datetime.fromtimestamp(ts if ts is not None else time.time()).astimezone().isoformat(timespec="seconds")
+def rfc3339(ts):
+    return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
 
 
 _now_cache = [0, ""]

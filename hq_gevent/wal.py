@@ -107,12 +107,6 @@ class WriteAheadLog:
         the in-memory state therefore always equals a replay of the log up to `size`.
         Raises WalError if the write failed; then on_durable is not called.
         """
-        batch = self.enqueue(line, on_durable)
-        batch.done.wait()
-        if batch.error:
-            raise WalError(batch.error)
-
-    def enqueue(self, line, on_durable=None):
         if self._closed:
             raise WalError("the server is shutting down")
         batch = self._batch
@@ -120,7 +114,9 @@ class WriteAheadLog:
         if on_durable is not None:
             batch.callbacks.append(on_durable)
         self._wakeup.set()
-        return batch
+        batch.done.wait()
+        if batch.error:
+            raise WalError(batch.error)
 
     def _write_loop(self):
         while True:

@@ -5,7 +5,6 @@ Each test is bounded in time and count; together they take well under five minut
 import os
 import random
 import resource
-import signal
 import threading
 import time
 
