@@ -1,6 +1,6 @@
 """Server configuration: the HQ 1.x keys plus hq-gevent's own, loaded from TOML and validated."""
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import toml
 
@@ -11,6 +11,8 @@ class ConfigError(Exception):
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
 WAL_FSYNC = ("always", "everysec", "no")
+LOG_FORMATS = ("text", "json")
+SECRET_KEYS = ("auth_tokens", "auth_read_tokens", "signing_secrets")  # never echoed in an error
 
 
 @dataclass
@@ -35,6 +37,27 @@ class Config:
     max_body_bytes: int = 10485760
     wal_compact_min_bytes: int = 67108864
     wal_compact_ratio: float = 2.0
+    # Delivery policy (SPEC §10): server defaults for a job's retry policy, and dedup window.
+    retry_max_attempts: int = 1
+    retry_min_backoff: float = 1.0
+    retry_max_backoff: float = 3600.0
+    retry_max_duration: float = 0.0
+    unique_window: int = 86400
+    # Security (SPEC §11).
+    auth_tokens: list[str] = field(default_factory=list)
+    auth_read_tokens: list[str] = field(default_factory=list)
+    auth_tokens_file: str | None = None
+    auth_read_tokens_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    signing_secrets: list[str] = field(default_factory=list)
+    allowed_hosts: list[str] = field(default_factory=list)
+    request_header_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
+    max_connections: int = 4096
+    # Observability (SPEC §12).
+    metrics_public: bool = False
+    log_format: str = "text"
 
     @property
     def host_port(self):
@@ -60,6 +83,18 @@ _RANGES = {
     "wal_compact_ratio": (lambda v: v >= 1.0, "a number >= 1.0"),
     "ui_basename": (lambda v: v.startswith("/") and not v.endswith("/") and len(v) > 1, 'a path like "/ui"'),
     "addr": (lambda v: _valid_addr(v), 'a "host:port" address'),
+    "retry_max_attempts": (lambda v: 1 <= v <= 1000, "an integer from 1 to 1000"),
+    "retry_min_backoff": (lambda v: 0 < v <= 86400, "a number of seconds > 0 and <= 86400"),
+    "retry_max_backoff": (lambda v: 0 < v <= 86400, "a number of seconds > 0 and <= 86400"),
+    "retry_max_duration": (lambda v: v >= 0, "a number of seconds >= 0"),
+    "unique_window": (lambda v: v >= 0, "an integer >= 0"),
+    "auth_tokens": (lambda v: all(len(t) >= 16 for t in v), "a list of tokens of at least 16 characters"),
+    "auth_read_tokens": (lambda v: all(len(t) >= 16 for t in v), "a list of tokens of at least 16 characters"),
+    "signing_secrets": (lambda v: all(t.startswith("whsec_") for t in v), 'a list of "whsec_<base64>" secrets'),
+    "request_header_timeout": (lambda v: v > 0, "a number of seconds > 0"),
+    "keepalive_timeout": (lambda v: v > 0, "a number of seconds > 0"),
+    "max_connections": (lambda v: v >= 1, "an integer >= 1"),
+    "log_format": (lambda v: v in LOG_FORMATS, "one of " + ", ".join(LOG_FORMATS)),
 }
 
 
@@ -75,6 +110,8 @@ def _type_ok(value, annotation):
         return isinstance(value, int) and not isinstance(value, bool)
     if annotation is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation == list[str]:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
     return isinstance(value, str)  # str and "str | None"
 
 
@@ -83,14 +120,20 @@ def from_dict(values):
     for key, value in values.items():
         if key not in known:
             raise ConfigError(f"unknown config key '{key}'")
+        shown = "(value not shown)" if key in SECRET_KEYS else repr(value)
         if not _type_ok(value, known[key].type):
-            raise ConfigError(f"config key '{key}' has the wrong type: {value!r}")
+            raise ConfigError(f"config key '{key}' has the wrong type: {shown}")
         check = _RANGES.get(key)
         if check and not check[0](value):
-            raise ConfigError(f"config key '{key}' must be {check[1]}, not {value!r}")
+            raise ConfigError(f"config key '{key}' must be {check[1]}, not {shown}")
     config = Config(**values)
-    if isinstance(config.wal_compact_ratio, int):
-        config.wal_compact_ratio = float(config.wal_compact_ratio)
+    for f in fields(Config):
+        if f.type is float and isinstance(getattr(config, f.name), int):
+            setattr(config, f.name, float(getattr(config, f.name)))
+    if config.retry_max_backoff < config.retry_min_backoff:
+        raise ConfigError("config key 'retry_max_backoff' must be >= retry_min_backoff")
+    if bool(config.tls_cert_file) != bool(config.tls_key_file):
+        raise ConfigError("config keys 'tls_cert_file' and 'tls_key_file' must be set together")
     return config
 
 
