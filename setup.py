@@ -26,9 +26,13 @@ setup(
         "ujson>=5.7",
         "toml>=0.10.2",
         "zc.lockfile>=3.0",
+        # Linear-time regular expressions for the name/term list filters (Go regexp's engine family).
+        "google-re2>=1.1",
+        # GET /metrics: the Prometheus exposition format, and the process_* collectors.
+        "prometheus_client>=0.17",
     ],
     extras_require={
-        "test": ["pytest>=7", "playwright>=1.40"],
+        "test": ["pytest>=7", "playwright>=1.40", "hypothesis>=6.80", "standardwebhooks>=1.0"],
     },
     entry_points={"console_scripts": ["hq-gevent = hq_gevent.cli:main"]},
     classifiers=[
