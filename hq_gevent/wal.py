@@ -6,6 +6,7 @@ The fsync runs in gevent's threadpool so the event loop keeps serving meanwhile.
 """
 import logging
 import os
+import time
 
 import gevent
 import gevent.event
@@ -37,9 +38,10 @@ class _Batch:
 
 
 class WriteAheadLog:
-    def __init__(self, path, fsync="always"):
+    def __init__(self, path, fsync="always", metrics=None):
         self.path = path
         self.fsync_policy = fsync
+        self.metrics = metrics  # a hq_gevent.metrics.Metrics, or None: times batches, counts failures
         self.size = 0  # bytes of whole records on disk; a failed write is cut back to this
         self.fd = None
         self._batch = _Batch()
@@ -133,6 +135,7 @@ class WriteAheadLog:
 
     def _commit(self, batch):
         data = b"".join(batch.lines)
+        started = time.perf_counter()
         try:
             if self._torn:
                 self._cut_back()
@@ -141,6 +144,8 @@ class WriteAheadLog:
             else:
                 _write_fd(self.fd, data)
         except OSError as e:
+            if self.metrics is not None:
+                self.metrics.write_failed()
             batch.error = f"cannot write the job log: {e.strerror or e}"
             log.error("Writing %s failed: %s", self.path, batch.error)
             self._torn = True
@@ -149,6 +154,8 @@ class WriteAheadLog:
             except OSError as cut_error:
                 log.error("Cannot cut %s back to %d bytes: %s", self.path, self.size, cut_error)
         else:
+            if self.metrics is not None:
+                self.metrics.store_write(time.perf_counter() - started)
             self.size += len(data)
             for callback in batch.callbacks:
                 try:
@@ -229,6 +236,8 @@ class WriteAheadLog:
                 os.close(self.fd)
                 self.fd, fd = fd, None
                 self.size = os.fstat(self.fd).st_size
+            if self.metrics is not None:
+                self.metrics.compacted()
             _test_pause("renamed")
         finally:
             if fd is not None:
