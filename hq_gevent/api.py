@@ -9,7 +9,7 @@ import bottle
 import ujson
 
 from hq_gevent import __commit_hash__, __version__
-from hq_gevent.job import InvalidJob, fields_from_request
+from hq_gevent.job import InvalidJob, spec_from_request
 from hq_gevent.store import JobConflict, JobNotFound, status_matcher
 from hq_gevent.wal import WalError
 
@@ -18,6 +18,7 @@ log = logging.getLogger("hq_gevent")
 JSON_TYPE = "application/json; charset=UTF-8"
 UI_DIR = os.path.join(os.path.dirname(__file__), "ui")
 MAX_ID = (1 << 64) - 1
+MAX_BATCH = 1000
 _BOOLS = {"1": True, "t": True, "true": True, "0": False, "f": False, "false": False}
 
 
@@ -172,13 +173,30 @@ def add_api_routes(app, prefix, store, dispatchers, config):
             "numRunningJobs": store.num_running,
             "numWorkers": dispatchers.in_flight,
             "numJobs": len(store.jobs),
+            "numScheduledJobs": store.num_scheduled,
             "numBackloggedJobs": len(store.backlog),
             "walBytes": store.wal.size,
         })
 
     def push_job():
-        fields = fields_from_request(read_json(config.max_body_bytes))
-        return render(store.push(*fields))
+        view, duplicate = store.push(spec_from_request(read_json(config.max_body_bytes), store.default_retry))
+        if duplicate:
+            bottle.response.set_header("X-Hq-Duplicate", "true")
+        return render(view)
+
+    def push_jobs():
+        body = read_json(config.max_body_bytes)
+        if not isinstance(body, list) or not body:
+            raise ApiError(400, "the body must be a non-empty JSON array of jobs")
+        if len(body) > MAX_BATCH:
+            raise ApiError(413, f"a batch holds at most {MAX_BATCH} jobs, not {len(body)}")
+        specs = []
+        for index, item in enumerate(body):
+            try:
+                specs.append(spec_from_request(item, store.default_retry))
+            except InvalidJob as e:
+                raise ApiError(e.status, f"jobs[{index}]: {e.message}") from None
+        return render({"jobs": [view for view, _ in store.push_many(specs)]})
 
     def list_jobs():
         limit = query_int("limit")
@@ -229,6 +247,7 @@ def add_api_routes(app, prefix, store, dispatchers, config):
     app.route(prefix + "/", "GET", info)
     app.route(prefix + "/stats", "GET", stats)
     app.route(prefix + "/job", "POST", push_job)
+    app.route(prefix + "/jobs", "POST", push_jobs)
     app.route(prefix + "/job", "GET", list_jobs)
     app.route(prefix + "/job/<job_id>", "GET", get_job)
     app.route(prefix + "/job/<job_id>", "DELETE", delete_job)

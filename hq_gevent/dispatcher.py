@@ -5,8 +5,9 @@ import gevent
 import gevent.event
 import gevent.pool
 
-from hq_gevent import wal
+from hq_gevent import retry, wal
 from hq_gevent.delivery import Delivery, DeliveryError, outcome_text, reason_phrase
+from hq_gevent.ids import now_ms
 from hq_gevent.store import JobConflict
 
 log = logging.getLogger("hq_gevent")
@@ -46,11 +47,11 @@ class Dispatchers:
         done = self.finished[job.id]
         try:
             if job.canceled:  # stopped between being taken and starting
-                state = job.finished_state(canceled=True, err="The job was stopped before it started")
+                after = job.finished(canceled=True, attempted=False, err="The job was stopped before it started")
             else:
-                state = self._deliver(job)
+                after = self._deliver(job)
             try:
-                self.store.finish(job, state)
+                self.store.finish(job, after)
             except wal.WalError as e:
                 log.error("The outcome of job %d could not be logged (it will run again after a restart): %s", job.id, e)
         finally:
@@ -58,7 +59,8 @@ class Dispatchers:
             done.set()
 
     def _deliver(self, job):
-        request = gevent.spawn(self._attempt, job)
+        """The job's state after one attempt: finished, or waiting for a retry."""
+        request = gevent.spawn(self._attempt, job, job.attempts + 1)
         self.requests[job.id] = request
         try:
             request.join()
@@ -66,18 +68,28 @@ class Dispatchers:
             del self.requests[job.id]
         result = request.value
         if isinstance(result, JobStopped):
-            return job.finished_state(canceled=True, err="The job was stopped while it was running")
+            return job.finished(canceled=True, err="The job was stopped while it was running")
         if isinstance(result, Exception):
-            return job.finished_state(failure=True, err=str(result))
+            return self._failed(job, err=str(result))
         output = outcome_text(result, self.config.max_output_bytes)
         if 200 <= result.status < 300:
-            return job.finished_state(success=True, status_code=result.status, output=output)
-        return job.finished_state(failure=True, status_code=result.status, output=output, err=reason_phrase(result))
+            return job.finished(success=True, status_code=result.status, output=output)
+        return self._failed(job, result.status, output, reason_phrase(result), result.retry_after, result.no_retry)
 
-    def _attempt(self, job):
+    def _failed(self, job, status_code=None, output="", err="", retry_after=None, no_retry=False):
+        """A failed attempt: another one after a backoff while the policy allows (SPEC §10.3)."""
+        wait = None
+        if not job.canceled:  # a stop that raced with the answer: no further attempt
+            wait = retry.next_wait(job.retry, job.attempts + 1, status_code, retry_after, no_retry,
+                                   job.first_started_at, now_ms())
+        if wait is None:
+            return job.finished(failure=True, status_code=status_code, output=output, err=err)
+        return job.retrying(wait, status_code, output, err)
+
+    def _attempt(self, job, attempt):
         """The worker request's Response, or the exception that stands for its outcome."""
         try:
-            return self.delivery.send(job.id, job.url, job.payload, job.headers, job.timeout)
+            return self.delivery.send(job.id, job.url, job.payload, job.headers, job.timeout, attempt=attempt)
         except DeliveryError as e:
             return e
         except Exception as e:

@@ -5,10 +5,12 @@ from urllib.parse import urlsplit
 
 import ujson
 
+from hq_gevent import retry, schedule
 from hq_gevent.ids import format_ms, now_ms, timestamp_ms
 
 SUCCESS, FAILURE, CANCELED = 1, 2, 4
 STATUSES = ("running", "canceling", "waiting", "failure", "success", "canceled", "unfinished", "unknown")
+MAX_HISTORY = 10  # failed attempts kept in a job's history (SPEC §10.1)
 
 
 class InvalidJob(Exception):
@@ -31,9 +33,15 @@ class Job:
         "id", "name", "comment", "url", "payload", "headers", "timeout",
         "started_at", "finished_at", "success", "failure", "canceled",
         "waiting", "running", "status_code", "output", "err", "record_size",
+        # Delivery policy (SPEC §10): a shared policy tuple (retry.py), attempts recorded so far,
+        # earliest start of the next attempt (ms or None), dedup key, failed attempts as tuples
+        # (attempt, started_at, finished_at, status_code, err) or None, start of the first attempt.
+        "retry", "attempts", "run_at", "unique_key", "history", "first_started_at",
     )
+    default_retry = (1, 1.0, 3600.0, 0.0)  # the server's default policy; Store sets it from the config
 
-    def __init__(self, job_id, name, comment, url, payload, headers, timeout):
+    def __init__(self, job_id, name, comment, url, payload, headers, timeout,
+                 retry_policy=None, run_at=None, unique_key=None):
         self.id = job_id
         self.name = name
         self.comment = comment
@@ -41,19 +49,43 @@ class Job:
         self.payload = payload  # compact JSON text, or None for no body
         self.headers = headers
         self.timeout = timeout
+        self.retry = retry_policy or self.default_retry
+        self.unique_key = unique_key
         self.record_size = 0
         self.reset()
+        self.run_at = run_at
 
     def reset(self):
-        """Back to a fresh waiting job (push and restart in place)."""
+        """Back to a fresh waiting job, never attempted."""
         self.started_at = self.finished_at = None
         self.success = self.failure = self.canceled = False
         self.waiting, self.running = True, False
         self.status_code = None
         self.output = self.err = ""
+        self.attempts = 0
+        self.history = None
+        self.run_at = None
+        self.first_started_at = None
 
-    def copy(self, new_id):
-        return Job(new_id, self.name, self.comment, self.url, self.payload, self.headers, self.timeout)
+    def copy(self, new_id, unique_key=None):
+        """A fresh waiting job with this one's request and policy (restart)."""
+        return Job(new_id, self.name, self.comment, self.url, self.payload, self.headers, self.timeout,
+                   self.retry, None, unique_key)
+
+    def evolve(self, **changes):
+        """A detached copy with `changes` applied: the next state, logged before it is assumed."""
+        other = Job.__new__(Job)
+        for name in Job.__slots__:
+            setattr(other, name, getattr(self, name))
+        for name, value in changes.items():
+            setattr(other, name, value)
+        return other
+
+    def assume(self, other):
+        """Take every field of `other` (an evolve() of this job) once its record is durable."""
+        for name in Job.__slots__:
+            if name != "record_size":
+                setattr(self, name, getattr(other, name))
 
     @property
     def active(self):
@@ -72,6 +104,10 @@ class Job:
         if self.canceled:
             return "canceled"
         return "unfinished" if self.finished_at is None else "unknown"
+
+    def scheduled(self, now):
+        """Waiting for a future runAt (not yet allowed to start)."""
+        return self.waiting and self.run_at is not None and self.run_at > now
 
     def to_dict(self):
         return {
@@ -94,37 +130,50 @@ class Job:
             "output": self.output,
             "err": self.err,
             "status": self.status,
+            "retry": retry.to_dict(self.retry),
+            "attempts": self.attempts,
+            "runAt": format_ms(self.run_at) if self.scheduled(now_ms()) else None,
+            "uniqueKey": self.unique_key,
+            "history": [
+                {"attempt": n, "startedAt": format_ms(started), "finishedAt": format_ms(finished),
+                 "statusCode": code, "err": err}
+                for n, started, finished, code, err in self.history or ()
+            ],
         }
 
+    # --- outcomes (each returns the next state; the store logs it, then the job assumes it) ---
+    def finished(self, success=False, failure=False, canceled=False, status_code=None, output="", err="", attempted=True):
+        return self.evolve(
+            waiting=False, running=False, finished_at=now_ms(), success=success, failure=failure,
+            canceled=canceled, status_code=status_code, output=output, err=err, run_at=None,
+            attempts=self.attempts + 1 if attempted else self.attempts)
+
+    def retrying(self, wait_seconds, status_code=None, output="", err=""):
+        """A failed attempt followed by another one after `wait_seconds`."""
+        ended = now_ms()
+        attempt = self.attempts + 1
+        history = (self.history or ()) + ((attempt, self.started_at, ended, status_code, err),)
+        return self.evolve(
+            waiting=True, running=False, finished_at=ended, success=False, failure=False,
+            status_code=status_code, output=output, err=err, attempts=attempt,
+            history=history[-MAX_HISTORY:], run_at=ended + int(wait_seconds * 1000))
+
     # --- log form --------------------------------------------------------------------
-    # One flat JSON array per job (faster to parse than an object, and smaller on disk).
-    # Start of a request is never logged: a job is durable as waiting until its result
-    # is, so a crash mid-request simply runs it again (at-least-once).
-    def finished_state(self, success=False, failure=False, canceled=False, status_code=None, output="", err=""):
-        """The outcome of a run as a tuple for to_record() and apply_finish()."""
-        return (self.started_at, now_ms(), success, failure, canceled, status_code, output, err)
-
-    def apply_finish(self, started_at, finished_at, success, failure, canceled, status_code, output, err):
-        self.waiting = self.running = False
-        self.started_at, self.finished_at = started_at, finished_at
-        self.success, self.failure, self.canceled = success, failure, canceled
-        self.status_code, self.output, self.err = status_code, output, err
-
-    def to_record(self, finished=None):
-        """The log record of this job, or of this job with the `finished` state applied."""
-        if finished is None:
-            if self.active:
-                return [
-                    "p", self.id, self.name, self.comment, self.url, self.payload, self.headers, self.timeout,
-                    1, None, None, 0, None, "", "",
-                ]
-            finished = (self.started_at, self.finished_at, self.success, self.failure, self.canceled,
-                        self.status_code, self.output, self.err)
-        started, ended, success, failure, canceled, code, output, err = finished
-        flags = (SUCCESS if success else 0) | (FAILURE if failure else 0) | (CANCELED if canceled else 0)
+    # One flat JSON array per job (faster to parse than an object, and smaller on disk); the
+    # delivery-policy fields travel in a 16th element, so a log of the previous version (15
+    # elements) still loads. Start of a request is never logged: a job is durable as waiting
+    # until its result is, so a crash mid-request simply runs it again (at-least-once).
+    def to_record(self):
+        started, finished = self.started_at, self.finished_at
+        if self.running:
+            # As it stood before this attempt started: the last failed attempt, or nothing.
+            started, finished = (self.history[-1][1], self.history[-1][2]) if self.history else (None, None)
+        flags = (SUCCESS if self.success else 0) | (FAILURE if self.failure else 0) | (CANCELED if self.canceled else 0)
         return [
             "p", self.id, self.name, self.comment, self.url, self.payload, self.headers, self.timeout,
-            0, started, ended, flags, code, output, err,
+            1 if self.waiting or self.running else 0, started, finished, flags, self.status_code, self.output, self.err,
+            [list(self.retry), self.attempts, self.run_at, self.unique_key,
+             [list(h) for h in self.history] if self.history else None, self.first_started_at],
         ]
 
     @classmethod
@@ -137,7 +186,7 @@ class Job:
     def load_record(self, rec):
         """Set every field from a log record (replay: the hot loop of start-up)."""
         (_, job_id, name, self.comment, url, self.payload, self.headers, self.timeout,
-         waiting, self.started_at, self.finished_at, flags, self.status_code, self.output, self.err) = rec
+         waiting, self.started_at, self.finished_at, flags, self.status_code, self.output, self.err) = rec[:15]
         if type(job_id) is not int:
             raise ValueError("the job id is not an integer")
         self.id = job_id
@@ -145,6 +194,15 @@ class Job:
         self.name, self.url = sys.intern(name), sys.intern(url)
         self.waiting, self.running = waiting == 1, False
         self.success, self.failure, self.canceled = bool(flags & SUCCESS), bool(flags & FAILURE), bool(flags & CANCELED)
+        if len(rec) > 15:
+            policy, self.attempts, self.run_at, self.unique_key, history, self.first_started_at = rec[15]
+            self.retry = retry.shared(tuple(policy))
+            self.history = tuple(tuple(h) for h in history) if history else None
+        else:  # a record of the previous version: never attempted under a policy
+            self.retry = self.default_retry
+            self.attempts, self.run_at, self.unique_key, self.history, self.first_started_at = 0, None, None, None, None
+            if not self.waiting and self.finished_at is not None and not self.canceled:
+                self.attempts = 1
 
 
 # --- validation of a pushed job --------------------------------------------------------
@@ -207,3 +265,33 @@ def fields_from_request(body):
     headers = validate_headers(body.get("headers"))
     payload = body.get("payload")
     return name, comment, url, None if payload is None else dumps(payload), headers, timeout
+
+
+# --- the delivery-policy keys of a push (SPEC §10.2) ---------------------------------------
+MAX_UNIQUE_KEY = 256
+
+
+class JobSpec:
+    """A pushed job, validated: what Store.push needs to create it."""
+    __slots__ = ("name", "comment", "url", "payload", "headers", "timeout", "retry", "run_at", "unique_key")
+
+    def __init__(self, name, comment, url, payload, headers, timeout, retry=None, run_at=None, unique_key=None):
+        self.name, self.comment, self.url, self.payload = name, comment, url, payload
+        self.headers, self.timeout, self.retry, self.run_at, self.unique_key = headers, timeout, retry, run_at, unique_key
+
+
+def spec_from_request(body, default_retry):
+    """A JobSpec from a decoded POST /job body (also one element of POST /jobs)."""
+    fields = fields_from_request(body)
+    try:
+        policy = retry.from_request(body.get("retry"), default_retry)
+        run_at = schedule.run_at_from_request(body, now_ms())
+    except (retry.InvalidPolicy, schedule.InvalidSchedule) as e:
+        raise InvalidJob(e.status, e.message) from None
+    unique_key = body.get("uniqueKey")
+    if unique_key is not None:
+        if not isinstance(unique_key, str):
+            raise InvalidJob(400, "'uniqueKey' must be a string")
+        if not 1 <= len(unique_key) <= MAX_UNIQUE_KEY:
+            raise InvalidJob(422, f"'uniqueKey' must be 1 to {MAX_UNIQUE_KEY} characters")
+    return JobSpec(*fields, policy, run_at, unique_key)

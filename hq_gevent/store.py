@@ -14,9 +14,10 @@ import gevent
 import gevent.event
 import gevent.queue
 
-from hq_gevent import wal
+from hq_gevent import retry, wal
 from hq_gevent.ids import IdGenerator, now_ms, timestamp_ms
 from hq_gevent.job import STATUSES, Job
+from hq_gevent.schedule import Schedule
 
 log = logging.getLogger("hq_gevent")
 
@@ -46,8 +47,13 @@ class Store:
         self._backlog_ready = gevent.event.Event()
         self.num_waiting = 0
         self.num_running = 0
+        self.num_scheduled = 0  # waiting jobs whose run_at is still ahead (held by the schedule)
+        self.schedule = Schedule(self._release)
+        self.unique = {}  # uniqueKey -> the newest stored job that holds it
+        self._unique_pending = {}  # uniqueKey -> Event set when the push that claimed it is done
         self._busy = {}  # job id -> Event: one API change at a time per job
         self._greenlets = []
+        self.default_retry = Job.default_retry = retry.from_config(config)
 
     # --- start and stop ----------------------------------------------------------------
     def load(self):
@@ -59,11 +65,14 @@ class Store:
         finally:
             gc.enable()
             gc.freeze()  # the loaded jobs stay out of later collections too
+        now = now_ms()
         for job_id in self.ids:
             job = self.jobs[job_id]
+            if job.unique_key is not None:
+                self.unique[job.unique_key] = job
             if job.waiting:
                 self.num_waiting += 1
-                self._enqueue(job)
+                self._start_when_due(job, now)
         if self.ids:
             self.ids_gen.observe(self.ids[-1])
 
@@ -94,8 +103,10 @@ class Store:
         self._greenlets = [gevent.spawn(self._feed_queue), gevent.spawn(self._compact_when_due)]
         if self.config.job_lifetime:
             self._greenlets.append(gevent.spawn(self._expire_old_jobs))
+        self.schedule.start()
 
     def close(self):
+        self.schedule.stop()
         gevent.killall(self._greenlets)
         self.wal.close()
 
@@ -107,6 +118,23 @@ class Store:
             self._backlog_ready.set()
         else:
             self.queue.put_nowait(job)
+
+    def _start_when_due(self, job, now):
+        """A waiting job goes to the schedule while its run_at is ahead, else into the queue."""
+        if job.run_at is not None and job.run_at > now:
+            self.num_scheduled += 1
+            self.schedule.add(job.id, job.run_at)
+        else:
+            job.run_at = None
+            self._enqueue(job)
+
+    def _release(self, job_id, run_at):
+        job = self.jobs.get(job_id)
+        # Stale entries (stopped, restarted, deleted, rescheduled) are skipped here.
+        if job is not None and job.waiting and not job.running and job.run_at == run_at:
+            self.num_scheduled -= 1
+            job.run_at = None
+            self._enqueue(job)
 
     def _feed_queue(self):
         while True:
@@ -169,33 +197,91 @@ class Store:
             del self._busy[job_id]
             done.set()
 
-    def _log_waiting(self, job, record):
-        """Log `job` as freshly waiting; once durable it is indexed (again) and enqueued."""
+    def _log_waiting(self, jobs):
+        """Log fresh waiting `jobs` in one write; once durable each is indexed (a restarted job
+        replaces its old object) and enqueued, or scheduled when its run_at is ahead."""
+        lines = [wal.encode(job.to_record()) for job in jobs]
+
         def stored():
-            job.reset()
-            if self.jobs.get(job.id) is not job:
+            now = now_ms()
+            for job, line in zip(jobs, lines):
+                old = self.jobs.get(job.id)
+                if old is None:
+                    self._insert_id(job.id)
+                else:
+                    self.live_bytes -= old.record_size
                 self.jobs[job.id] = job
-                self._insert_id(job.id)
-            self.num_waiting += 1
-            self._enqueue(job)
+                job.record_size = len(line)
+                self.live_bytes += len(line)
+                if job.unique_key is not None:
+                    self.unique[job.unique_key] = job
+                self.num_waiting += 1
+                self._start_when_due(job, now)
 
-        self._log_put(job, record, stored)
+        self.wal.append(b"".join(lines), stored)
 
-    def push(self, name, comment, url, payload, headers, timeout):
-        """Store a new job durably and enqueue it; returns its view as enqueued."""
-        job = Job(self.ids_gen.next_id(), name, comment, url, payload, headers, timeout)
-        view = job.to_dict()
-        self._log_waiting(job, job.to_record())
-        return view
+    def push(self, spec):
+        """Store a new job durably and enqueue it: (its view as enqueued, False), or
+        (the stored job's view, True) when its uniqueKey is taken (SPEC §10.4)."""
+        return self.push_many([spec])[0]
+
+    def push_many(self, specs):
+        """Store all new jobs of `specs` in one durable log write: [(view, duplicate)] in order."""
+        keys = {spec.unique_key for spec in specs if spec.unique_key is not None}
+        while True:  # let pushes that claimed one of these keys finish first
+            pending = [self._unique_pending[key] for key in keys if key in self._unique_pending]
+            if not pending:
+                break
+            for done in pending:
+                done.wait()
+        # From here to the claim below nothing yields: a key is checked and claimed atomically.
+        now = now_ms()
+        results, fresh, claimed = [], [], {}
+        for spec in specs:
+            holder = claimed.get(spec.unique_key) or self._unique_holder(spec.unique_key, now)
+            if holder is not None:
+                results.append((holder, True))
+                continue
+            job = Job(self.ids_gen.next_id(), spec.name, spec.comment, spec.url, spec.payload, spec.headers,
+                      spec.timeout, spec.retry, spec.run_at, spec.unique_key)
+            if spec.unique_key is not None:
+                claimed[spec.unique_key] = job
+            fresh.append(job)
+            results.append((job, False))
+        views = [(job.to_dict(), duplicate) for job, duplicate in results]
+        if not fresh:
+            return views
+        done = gevent.event.Event()
+        for key in claimed:
+            self._unique_pending[key] = done
+        try:
+            self._log_waiting(fresh)
+        finally:
+            for key in claimed:
+                del self._unique_pending[key]
+            done.set()
+        return views
+
+    def _unique_holder(self, key, now):
+        """The stored job that holds `key` within unique_window, or None."""
+        if key is None:
+            return None
+        job = self.unique.get(key)
+        if job is None or self.jobs.get(job.id) is not job:
+            return None
+        window = self.config.unique_window
+        if window and timestamp_ms(job.id) <= now - window * 1000:
+            return None
+        return job
 
     def restart(self, job_id, copy=False):
         with self.exclusive(job_id):
             job = self.get(job_id)
             self._refuse_active(job)
             # The response and the record show the job as it will stand once enqueued.
-            fresh = job.copy(self.ids_gen.next_id() if copy else job.id)
+            fresh = job.copy(self.ids_gen.next_id()) if copy else job.copy(job.id, job.unique_key)
             view = fresh.to_dict()
-            self._log_waiting(fresh if copy else job, fresh.to_record())
+            self._log_waiting([fresh])
             return view
 
     def delete(self, job_id):
@@ -209,6 +295,8 @@ class Store:
             for job in jobs:
                 if self.jobs.pop(job.id, None) is not None:
                     self.live_bytes -= job.record_size
+                if job.unique_key is not None and self.unique.get(job.unique_key) is job:
+                    del self.unique[job.unique_key]
             self._remove_ids([job.id for job in jobs])
 
         self.wal.append(b"".join(wal.encode(["d", job.id]) for job in jobs), removed)
@@ -221,20 +309,26 @@ class Store:
             raise JobConflict(f"The job {job.id} is waiting now")
 
     def cancel_waiting(self, job):
-        """Stop a job that has not started: it is never sent."""
+        """Stop a job that has not started (or waits for a retry): it is never sent (again)."""
+        was_scheduled = job.run_at is not None
         job.canceled = True  # shows "canceling" and makes a dispatcher skip it meanwhile
-        finished = job.finished_state(canceled=True, err="The job was stopped before it started")
+        after = job.finished(canceled=True, attempted=False, status_code=job.status_code, output=job.output,
+                             err="The job was stopped before it started" if not job.attempts
+                             else "The job was stopped while it waited for a retry")
 
         def canceled():
             if job.waiting and not job.running:
-                job.apply_finish(*finished)
+                if job.run_at is not None:
+                    self.num_scheduled -= 1
+                job.assume(after)
                 self.num_waiting -= 1
 
         try:
-            self._log_put(job, job.to_record(finished), canceled)
+            self._log_put(job, after.to_record(), canceled)
         except wal.WalError:
             job.canceled = False
-            self._enqueue(job)  # a dispatcher may have skipped it; a duplicate entry is skipped too
+            if not was_scheduled:
+                self._enqueue(job)  # a dispatcher may have skipped it; a duplicate entry is skipped too
             raise
 
     # --- the dispatcher's side ----------------------------------------------------------
@@ -244,20 +338,27 @@ class Store:
             return False
         job.waiting, job.running = False, True
         job.started_at = now_ms()
+        if not job.attempts:
+            job.first_started_at = job.started_at
         self.num_waiting -= 1
         self.num_running += 1
         return True
 
-    def finish(self, job, state):
-        """Record a sent job's outcome (a job.finished_state tuple). On a log failure the
-        job stays as the log has it (waiting), so it runs again after a restart."""
+    def finish(self, job, after):
+        """Record a sent job's outcome (`after`: job.finished() or job.retrying()). A retrying
+        job waits in the schedule for its next attempt. On a log failure the job stays as the
+        log has it (waiting), so it runs again after a restart."""
         def finished():
-            job.apply_finish(*state)
+            job.assume(after)
+            if job.waiting:
+                self.num_waiting += 1
+                self._start_when_due(job, now_ms())
 
         try:
-            self._log_put(job, job.to_record(state), finished)
+            self._log_put(job, after.to_record(), finished)
         except wal.WalError:
-            job.running, job.waiting, job.started_at = False, True, None
+            job.running, job.waiting = False, True
+            job.started_at = job.history[-1][1] if job.history else None
             self.num_waiting += 1
             raise
         finally:

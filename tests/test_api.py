@@ -33,7 +33,8 @@ def reset_worker(app):
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 KEYS = {"id", "name", "comment", "url", "payload", "headers", "timeout", "createdAt", "startedAt", "finishedAt",
-        "success", "failure", "canceled", "waiting", "running", "statusCode", "output", "err", "status"}
+        "success", "failure", "canceled", "waiting", "running", "statusCode", "output", "err", "status",
+        "retry", "attempts", "runAt", "uniqueKey", "history"}  # SPEC §10.1
 
 
 def test_info(srv):

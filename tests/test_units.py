@@ -6,7 +6,7 @@ import pytest
 
 from hq_gevent import ids, wal
 from hq_gevent.config import Config
-from hq_gevent.job import InvalidJob, Job, fields_from_request
+from hq_gevent.job import InvalidJob, Job, JobSpec, fields_from_request
 from hq_gevent.store import Store
 
 
@@ -81,8 +81,7 @@ def test_record_roundtrip_and_active_jobs_log_as_waiting():
     j.waiting, j.running, j.started_at = False, True, 123  # start is never logged
     back = Job.from_record(j.to_record())
     assert back.waiting and not back.running and back.started_at is None
-    state = j.finished_state(failure=True, status_code=500, output="o", err="e")
-    j.apply_finish(*state)
+    j.assume(j.finished(failure=True, status_code=500, output="o", err="e"))
     back = Job.from_record(j.to_record())
     assert (back.status, back.status_code, back.output, back.err, back.payload, back.headers) == \
            ("failure", 500, "o", "e", '{"a":1}', {"X": "y"})
@@ -111,7 +110,7 @@ def reload(tmp_path, **config):
 
 
 def push(store, n, name="j"):
-    return [int(store.push(f"{name}{i}", "", "http://x/", '{"i":%d}' % i, None, 0)["id"]) for i in range(n)]
+    return [int(store.push(JobSpec(f"{name}{i}", "", "http://x/", '{"i":%d}' % i, None, 0))[0]["id"]) for i in range(n)]
 
 
 @pytest.mark.parametrize("policy", ["always", "everysec", "no"])
