@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # System packages the test suite needs (idempotent): rpmbuild/rpmlint for the RPM checks,
 # systemd-analyze/systemd-nspawn/logrotate for the unit checks, chromium for the UI tests,
-# wrk for bench calibration.
+# wrk for bench calibration, prometheus for its promtool (checks etc/'s alert rules and scrape example).
 set -euo pipefail
 need=()
 command -v rpmbuild >/dev/null || need+=(rpm)
@@ -13,6 +13,7 @@ command -v wrk >/dev/null || need+=(wrk)
 command -v cpio >/dev/null || need+=(cpio)
 command -v systemd-nspawn >/dev/null || need+=(systemd-container)
 command -v logrotate >/dev/null || need+=(logrotate)
+command -v promtool >/dev/null || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
