@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from hq_gevent import __version__
 
 DEFAULT_ADDRESS = "http://127.0.0.1:19900"
+TOKEN_FILE = "/etc/hq-gevent/tokens"  # made by the RPM (0640 root:hq-gevent); $HQ_TOKEN_FILE overrides
 STATUSES = ("waiting", "running", "canceling", "success", "failure", "canceled", "unfinished", "unknown")
 FINISHED = ("success", "failure", "canceled", "unknown")
 COLORS = {"failure": "31", "success": "32", "running": "36", "unknown": "33",
@@ -65,6 +66,9 @@ def build_parser():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-a", "--address", metavar="URL",
                         help=f"server address (env HQ_ADDRESS, default {DEFAULT_ADDRESS})")
+    common.add_argument("--token", metavar="TOKEN",
+                        help=f"API token (env HQ_TOKEN, safer: a flag shows in ps; else the first one in {TOKEN_FILE} if readable)")
+    common.add_argument("--cacert", metavar="FILE", help="CA certificate (PEM) to verify an https server (env HQ_CACERT)")
 
     def command(name, func, help, description=None, epilog=None):
         p = sub.add_parser(name, parents=[common], help=help, description=description or help,
@@ -74,11 +78,14 @@ def build_parser():
 
     push = command(
         "push", run_push, "push jobs; prints each new job id",
-        "Push jobs. Each FILE (or '-' for stdin) holds one job object {url, payload, headers,\n"
-        "timeout, name, comment}; or give the job with --url and its options. Prints one id a line.",
+        "Push jobs. Each FILE (or '-' for stdin) holds a job object {url, payload, headers, timeout,\n"
+        "name, comment, retry, delay | runAt, uniqueKey} or a JSON array of them; or give the job with\n"
+        "--url and its options. Several jobs go in batches of 1000 (each stored all or nothing).\n"
+        "Prints one id a line, in order; a duplicate uniqueKey prints the existing job's id.",
         "examples:\n  hq-gevent push job.json\n  echo '{\"url\": \"http://127.0.0.1:8080/\"}' | hq-gevent push -\n"
-        "  hq-gevent push --url http://127.0.0.1:8080/resize --payload '{\"w\": 64}' --header X-Team:img")
-    push.add_argument("files", nargs="*", metavar="FILE", help="a JSON file with one job, or '-' for stdin")
+        "  hq-gevent push --url http://127.0.0.1:8080/resize --payload '{\"w\": 64}' --header X-Team:img\n"
+        "  hq-gevent push job.json --retry 5 --min-backoff 2 --run-at 2026-12-24T18:00:00Z")
+    push.add_argument("files", nargs="*", metavar="FILE", help="a JSON file with a job or an array of jobs, or '-' for stdin")
     push.add_argument("--url", help="the worker URL of a job given on the command line")
     push.add_argument("--payload", metavar="JSON", help="the job's payload, as JSON text (with --url)")
     push.add_argument("--name", help="the job's name (with --url)")
@@ -86,14 +93,24 @@ def build_parser():
     push.add_argument("--header", action="append", default=[], metavar="K:V",
                       help="a header for the worker request; repeatable (with --url)")
     push.add_argument("--timeout", type=int, metavar="S", help="worker request time limit in seconds, 0 = none (with --url)")
+    policy = push.add_argument_group("delivery policy (set on every job pushed, over the file's own)")
+    policy.add_argument("--retry", type=positive_int, metavar="N", help="attempts in all, the first included (retry.maxAttempts)")
+    policy.add_argument("--min-backoff", type=seconds, metavar="S", help="wait before the first retry (retry.minBackoff)")
+    policy.add_argument("--max-backoff", type=seconds, metavar="S", help="longest wait between attempts (retry.maxBackoff)")
+    when = policy.add_mutually_exclusive_group()
+    when.add_argument("--delay", type=seconds, metavar="S", help="start no sooner than S seconds from now")
+    when.add_argument("--run-at", metavar="TIME", help="start no sooner than TIME (RFC 3339, e.g. 2026-12-24T18:00:00Z)")
+    policy.add_argument("--unique-key", metavar="K", help="push nothing if a job with this uniqueKey exists (one job only)")
 
     lst = command(
         "list", run_list, "list jobs",
-        "List jobs as a table (ID NAME CREATED DURATION STATUS), oldest first. With ids, show just\n"
-        "those jobs. Pages through the server's list until -l jobs are shown or the list ends.")
+        "List jobs as a table (ID NAME CREATED DURATION STATUS; -d adds COMMENT, URL, RUN AT,\n"
+        "STARTED, FINISHED and ATTEMPTS), oldest first. With ids, show just those jobs. Pages\n"
+        "through the server's list until -l jobs are shown or the list ends.")
     lst.add_argument("ids", nargs="*", type=job_id_arg, metavar="ID", help="show only these jobs")
     lst.add_argument("-q", "--quiet", action="store_true", help="print ids only")
-    lst.add_argument("-d", "--detail", action="store_true", help="add COMMENT, URL, STARTED and FINISHED columns")
+    lst.add_argument("-d", "--detail", action="store_true",
+                     help="add COMMENT, URL, RUN AT, STARTED, FINISHED and ATTEMPTS columns")
     lst.add_argument("-n", "--name", metavar="REGEX", help="only jobs whose name matches")
     lst.add_argument("-t", "--term", metavar="REGEX", help="only jobs whose name, id, comment, url or status matches")
     lst.add_argument("-r", "--reverse", action="store_true", help="newest first")
@@ -104,7 +121,8 @@ def build_parser():
     many.add_argument("--all", action="store_true", help="walk the whole list, ignoring the server's default limit")
     lst.add_argument("--json", action="store_true", help="print the list response as JSON instead of a table")
 
-    info = command("info", run_info, "show a job as JSON")
+    info = command("info", run_info, "show a job as JSON",
+                   "Show a job as indented JSON, its failed attempts (history) included.")
     info.add_argument("id", type=job_id_arg, metavar="ID")
 
     for name, func, help in (("stop", run_stop, "stop waiting or running jobs; prints their ids"),
@@ -121,7 +139,8 @@ def build_parser():
     command("stats", run_stats, "show server statistics as JSON")
 
     wait = command("wait", run_wait, "wait until jobs finish",
-                   "Wait until every job has finished; prints 'ID STATUS' as each one does.\n"
+                   "Wait until every job has finished; prints 'ID STATUS' as each one does. A job\n"
+                   "waiting for a retry or for its runAt has not finished.\n"
                    "Exit status: 0 all succeeded, 1 any failed or was canceled (or an error), 2 timeout.",
                    "example:\n  hq-gevent push job.json | xargs hq-gevent wait --timeout 60")
     wait.add_argument("ids", nargs="+", type=job_id_arg, metavar="ID")
@@ -139,7 +158,55 @@ def run_serve(args):
 def make_client(args):
     from hq_gevent.client import Client
 
-    return Client(args.address or os.environ.get("HQ_ADDRESS") or DEFAULT_ADDRESS)
+    args.token_source = None
+    token = args.token
+    if token is not None:
+        args.token_source = "--token" if token.strip() else None  # --token '' sends none
+    elif os.environ.get("HQ_TOKEN", "").strip():
+        token, args.token_source = os.environ["HQ_TOKEN"], "$HQ_TOKEN"
+    else:
+        path = token_file()
+        token = read_token_file(path)
+        if token:
+            args.token_source = path
+    cacert = args.cacert if args.cacert is not None else os.environ.get("HQ_CACERT", "")
+    try:
+        return Client(args.address or os.environ.get("HQ_ADDRESS") or DEFAULT_ADDRESS,
+                      token=token or "", cacert=cacert)
+    except ValueError as e:
+        raise Failed(e)
+
+
+def token_file():
+    return os.environ.get("HQ_TOKEN_FILE") or TOKEN_FILE
+
+
+def read_token_file(path):
+    """The first token of the server's token file (one a line, '#' comments), or None when the
+    file is absent or not readable by this user: then the CLI sends no token."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    return line
+    except (OSError, UnicodeDecodeError):
+        pass
+    return None
+
+
+def auth_help(error, args):
+    """The server's 401/403 text with what to do about it."""
+    source = getattr(args, "token_source", None)
+    if error.status == 403:
+        return f"{error.error} (the token from {source} may only read)"
+    if source:
+        return f"{error.error} (the server refused the token from {source})"
+    hint = f"{error.error} (give a token with --token or $HQ_TOKEN"
+    path = token_file()
+    if os.path.exists(path) and not os.access(path, os.R_OK):
+        hint += f"; {path} is not readable by you"
+    return hint + ")"
 
 
 def out(text=""):
@@ -200,6 +267,12 @@ def duration(started, finished):
     return f"{minutes}m{secs}" if minutes else secs
 
 
+def attempts(job):
+    """`2/5`: attempts made of the most allowed; blank for a server without retries (HQ)."""
+    made, most = job.get("attempts"), (job.get("retry") or {}).get("maxAttempts")
+    return "" if made is None else f"{made}/{most}" if most else str(made)
+
+
 def one_line(text):
     return re.sub(r"\s+", " ", str(text or "")).strip()
 
@@ -208,7 +281,8 @@ def print_table(jobs, detail):
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     now = datetime.now(timezone.utc)
     if detail:
-        header = ["ID", "NAME", "COMMENT", "URL", "CREATED", "STARTED", "FINISHED", "DURATION", "STATUS"]
+        header = ["ID", "NAME", "COMMENT", "URL", "CREATED", "RUN AT", "STARTED", "FINISHED", "DURATION",
+                  "ATTEMPTS", "STATUS"]
     else:
         header = ["ID", "NAME", "CREATED", "DURATION", "STATUS"]
     rows = [header]
@@ -216,8 +290,12 @@ def print_table(jobs, detail):
         row = [job.get("id", ""), one_line(job.get("name")), relative(job.get("createdAt"), now)]
         if detail:
             row[2:2] = [one_line(job.get("comment")), one_line(job.get("url"))]
-            row += [relative(job.get("startedAt"), now), relative(job.get("finishedAt"), now)]
-        row += [duration(job.get("startedAt"), job.get("finishedAt")), job.get("status", "")]
+            row += [relative(job.get("runAt"), now), relative(job.get("startedAt"), now),
+                    relative(job.get("finishedAt"), now)]
+        row.append(duration(job.get("startedAt"), job.get("finishedAt")))
+        if detail:
+            row.append(attempts(job))
+        row.append(job.get("status", ""))
         rows.append([str(c) for c in row])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for n, row in enumerate(rows):
@@ -255,7 +333,8 @@ def build_url_job(args, parser):
 
 
 def read_jobs(files):
-    """[(source, job dict)]; everything is read and checked before anything is pushed."""
+    """[(source, job dict)]: a file holds a job or an array of jobs (source `file[i]`);
+    everything is read and checked before anything is pushed."""
     jobs = []
     for name in files:
         try:
@@ -269,9 +348,14 @@ def read_jobs(files):
             job = json.loads(text)
         except ValueError as e:
             raise Failed(f"{source}: invalid JSON: {e}")
-        if not isinstance(job, dict):
-            raise Failed(f"{source}: a job must be a JSON object")
-        jobs.append((source, job))
+        if isinstance(job, list):
+            named = [(f"{source}[{n}]", item) for n, item in enumerate(job)]
+        else:
+            named = [(source, job)]
+        for where, item in named:
+            if not isinstance(item, dict):
+                raise Failed(f"{where}: a job must be a JSON object")
+        jobs += named
     return jobs
 
 
@@ -290,21 +374,39 @@ def run_push(args, parser):
         if args.files.count("-") > 1:
             parser.error("'-' (stdin) may be given once")
         jobs = read_jobs(args.files)
-    from hq_gevent.client import HQError
+    if args.unique_key is not None and len(jobs) > 1:
+        parser.error("--unique-key names one job; give each job of several its own uniqueKey")
+    from hq_gevent.client import BatchError, with_policy
 
+    retry = {key: value for key, value in (("maxAttempts", args.retry), ("minBackoff", args.min_backoff),
+                                           ("maxBackoff", args.max_backoff)) if value is not None}
+    jobs = [(source, with_policy(job, retry or None, args.delay, args.run_at, args.unique_key))
+            for source, job in jobs]
     client = make_client(args)
-    failed = False
-    for source, job in jobs:
-        try:
-            out(client.push(job)["id"])
-        except HQError as e:
-            warn(e.error if len(jobs) == 1 else f"{source}: {e.error}")
-            failed = True
-    return 1 if failed else 0
+    if len(jobs) == 1:
+        job = client.push(jobs[0][1])
+        out(job["id"])
+        if job.duplicate:
+            print(f"note: {job['id']} is the job already pushed with uniqueKey {job.get('uniqueKey')!r}; "
+                  "nothing new was stored", file=sys.stderr)
+        return 0
+    try:
+        pushed = client.push_many([job for _, job in jobs])
+    except BatchError as e:
+        for job in e.pushed:
+            out(job["id"])
+        where = f"{jobs[e.index][0]}: " if e.index is not None and e.index < len(jobs) else ""
+        warn(where + e.reason)
+        warn(f"{len(e.pushed)} of {len(jobs)} jobs were pushed (the ids above), the rest were not"
+             if e.pushed else "nothing was pushed")
+        return 1
+    for job in pushed:
+        out(job["id"])
+    return 0
 
 
 def run_list(args, parser):
-    from hq_gevent.client import HQError
+    from hq_gevent.client import HQAuthError, HQError
 
     filters = {"name": args.name, "term": args.term, "reverse": args.reverse, "status": args.status}
     client = make_client(args)
@@ -317,6 +419,8 @@ def run_list(args, parser):
         for i in args.ids:
             try:
                 jobs.append(client.get(i))
+            except HQAuthError:
+                raise
             except HQError as e:
                 warn(e.error)
                 failed = True
@@ -369,13 +473,16 @@ def run_stats(args, parser):
 
 
 def each(ids, action):
-    """Apply `action` to every id, printing the resulting id; go on past server errors."""
-    from hq_gevent.client import HQError
+    """Apply `action` to every id, printing the resulting id; go on past a job's error (not past
+    an authorization error, which every id would repeat)."""
+    from hq_gevent.client import HQAuthError, HQError
 
     failed = False
     for i in ids:
         try:
             out(action(i)["id"])
+        except HQAuthError:
+            raise
         except HQError as e:
             warn(e.error)
             failed = True
@@ -396,7 +503,7 @@ def run_restart(args, parser):
 
 
 def run_wait(args, parser):
-    from hq_gevent.client import HQConnectionError, HQError
+    from hq_gevent.client import HQAuthError, HQConnectionError, HQError
 
     client = make_client(args)
     pending = list(dict.fromkeys(args.ids))
@@ -409,6 +516,8 @@ def run_wait(args, parser):
             left = None if deadline is None else deadline - time.monotonic()
             try:
                 job = client.get(i, timeout=None if left is None else min(client.timeout, max(1.0, left)))
+            except HQAuthError:
+                raise
             except HQError as e:
                 warn(e.error)
                 failed = True
@@ -438,11 +547,20 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.func is run_serve:
         return run_serve(args)
-    from hq_gevent.client import HQConnectionError, HQError
+    from hq_gevent.client import HQAuthError, HQConnectionError, HQError
 
     try:
         return args.func(args, args.parser)
-    except (HQError, HQConnectionError, Failed) as e:
+    except HQAuthError as e:
+        warn(auth_help(e, args))
+        return 1
+    except HQConnectionError as e:
+        hint = ""
+        if "CERTIFICATE_VERIFY_FAILED" in e.reason or "certificate verify failed" in e.reason:
+            hint = " (give the CA certificate that signed the server's with --cacert or $HQ_CACERT)"
+        warn(f"{e}{hint}")
+        return 1
+    except (HQError, Failed) as e:
         warn(e.error if isinstance(e, HQError) else e)
         return 1
     except KeyboardInterrupt:

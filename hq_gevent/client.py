@@ -5,11 +5,15 @@
     job = hq.push(url="http://127.0.0.1:8080/work", payload={"n": 1}, name="resize")
     hq.wait(job["id"], timeout=60)["status"]   # -> "success"
 
-Every method returns the server's JSON as plain dicts. A server error raises `HQError`
-(`.status`, `.error`); a server that cannot be reached raises `HQConnectionError`, which names
-the address. This module must stay light: the CLI imports it, and it must not pull in gevent.
+Every method returns the server's JSON as plain dicts (`push` a dict subclass with a `duplicate`
+flag). A server error raises `HQError` (`.status`, `.error`; `HQAuthError` for 401/403); a server
+that cannot be reached raises `HQConnectionError`, which names the address. This module must stay
+light: the CLI imports it, and it must not pull in gevent.
 """
+import os
+import re
 import time
+from datetime import datetime, timedelta, timezone
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -18,6 +22,7 @@ from hq_gevent import __version__
 
 DEFAULT_ADDRESS = "http://127.0.0.1:19900"
 FINISHED = ("success", "failure", "canceled", "unknown")
+BATCH_SIZE = 1000  # the most jobs POST /jobs takes at once (SPEC §10.6)
 
 
 class HQError(Exception):
@@ -27,6 +32,30 @@ class HQError(Exception):
         super().__init__(error)
         self.status = status
         self.error = error
+
+
+class HQAuthError(HQError):
+    """401 (no valid token) or 403 (a read-only token asked to change something)."""
+
+
+class BatchError(HQError):
+    """`push_many` stopped at a refused batch. `index` is the position (in the jobs given) of the
+    job the server named, or None; `reason` the server's text without its `jobs[i]: ` prefix;
+    `pushed` the jobs stored by the batches before (the refused batch stored nothing)."""
+
+    def __init__(self, status, error, index, reason, pushed):
+        super().__init__(status, error)
+        self.index = index
+        self.reason = reason
+        self.pushed = pushed
+
+
+class PushedJob(dict):
+    """The job a push answered with. `duplicate` is True when the server already held a job with
+    this `uniqueKey` (answer header `X-Hq-Duplicate: true`): nothing new was stored and this is
+    that job as it stands now."""
+
+    duplicate = False
 
 
 class HQConnectionError(ConnectionError):
@@ -56,6 +85,47 @@ def job_id(value):
     return str(int(text))
 
 
+def rfc3339(value):
+    """A `runAt` for the wire: a datetime (naive means UTC) as `2026-12-24T18:00:00.000Z`; a
+    string is passed as it is, for the server to check."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, datetime):
+        raise TypeError(f"run_at must be a datetime or an RFC 3339 string, not {type(value).__name__}")
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def with_policy(job, retry=None, delay=None, run_at=None, unique_key=None):
+    """A copy of the job dict with the delivery policy set (SPEC §10.2); None leaves a key as it is.
+
+    `retry` is maxAttempts as an int, or a dict of retry keys merged over the job's own; `delay`
+    (seconds or a timedelta) and `run_at` each replace the other, as a job may have only one.
+    """
+    if delay is not None and run_at is not None:
+        raise ValueError("give delay or run_at, not both")
+    job = dict(job)
+    if retry is not None:
+        if isinstance(retry, int) and not isinstance(retry, bool):
+            retry = {"maxAttempts": retry}
+        elif not isinstance(retry, dict):
+            raise TypeError("retry must be maxAttempts (an int) or a dict of retry keys")
+        own = job.get("retry")
+        job["retry"] = dict(own if isinstance(own, dict) else {}, **retry)
+    if delay is not None:
+        job.pop("runAt", None)
+        job["delay"] = delay.total_seconds() if isinstance(delay, timedelta) else delay
+    if run_at is not None:
+        job.pop("delay", None)
+        job["runAt"] = rfc3339(run_at)
+    elif isinstance(job.get("runAt"), datetime):
+        job["runAt"] = rfc3339(job["runAt"])
+    if unique_key is not None:
+        job["uniqueKey"] = unique_key
+    return job
+
+
 def _reason(exc):
     # requests wraps urllib3 wraps the socket error: dig for the OS's own words ("Connection
     # refused"), else the innermost error's text ("Remote end closed connection...").
@@ -77,7 +147,11 @@ def _reason(exc):
 
 
 class Client:
-    def __init__(self, address=DEFAULT_ADDRESS, timeout=30.0, session=None):
+    """`token` (default `$HQ_TOKEN`) is sent as `Authorization: Bearer <token>`; `cacert` (default
+    `$HQ_CACERT`) is a PEM file of the CA that signed an https server's certificate, else the
+    system's CAs are used. Pass "" to ignore the environment variable."""
+
+    def __init__(self, address=DEFAULT_ADDRESS, timeout=30.0, session=None, token=None, cacert=None):
         self.address = normalize_address(address)
         self.timeout = timeout
         self.session = session or requests.Session()
@@ -85,6 +159,14 @@ class Client:
         for prefix in ("http://", "https://"):
             self.session.mount(prefix, HTTPAdapter(max_retries=0))
         self.session.headers["User-Agent"] = f"hq-gevent-client/{__version__}"
+        token = (os.environ.get("HQ_TOKEN", "") if token is None else token).strip()
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+        cacert = os.environ.get("HQ_CACERT", "") if cacert is None else cacert
+        if cacert and not os.path.isfile(cacert):
+            raise ValueError(f"CA certificate file not found: {cacert}")
+        # Given with each request: requests lets $REQUESTS_CA_BUNDLE override a session's `verify`.
+        self.verify = cacert or None
 
     def close(self):
         self.session.close()
@@ -96,10 +178,14 @@ class Client:
         self.close()
 
     def request(self, method, path, params=None, body=None, timeout=None):
+        return self._send(method, path, params, body, timeout)[0]
+
+    def _send(self, method, path, params=None, body=None, timeout=None):
+        """(the answer's JSON object, its headers); else HQError/HQConnectionError."""
         timeout = self.timeout if timeout is None else timeout
         try:
             resp = self.session.request(
-                method, self.address + path, params=params, json=body, timeout=timeout
+                method, self.address + path, params=params, json=body, timeout=timeout, verify=self.verify
             )
         except requests.Timeout:
             raise HQConnectionError(
@@ -115,11 +201,12 @@ class Client:
             data = None
         if resp.status_code >= 400 or not isinstance(data, dict):
             if isinstance(data, dict) and "error" in data:
-                raise HQError(data.get("status", resp.status_code), data["error"])
+                error = HQAuthError if resp.status_code in (401, 403) else HQError
+                raise error(data.get("status", resp.status_code), data["error"])
             # Not an hq-gevent answer (a proxy page, another service on the port).
             text = resp.text.strip().splitlines()[0][:200] if resp.text.strip() else resp.reason
             raise HQError(resp.status_code, f"unexpected response {resp.status_code} from {self.address}: {text}")
-        return data
+        return data, resp.headers
 
     # --- one method per route ---------------------------------------------------------
     def info(self):
@@ -128,10 +215,36 @@ class Client:
     def stats(self):
         return self.request("GET", "/stats")
 
-    def push(self, job=None, **fields):
-        """Push one job: a dict, or keyword fields (url, payload, headers, timeout, name, comment)."""
-        body = dict(job or {}, **fields)
-        return self.request("POST", "/job", body=body)
+    def push(self, job=None, *, retry=None, delay=None, run_at=None, unique_key=None, **fields):
+        """Push one job: a dict, and/or keyword fields (url, payload, headers, timeout, name,
+        comment). The policy keywords are those of `with_policy`. Returns a `PushedJob`."""
+        body = with_policy(dict(job or {}, **fields), retry, delay, run_at, unique_key)
+        data, headers = self._send("POST", "/job", body=body)
+        pushed = PushedJob(data)
+        pushed.duplicate = headers.get("X-Hq-Duplicate", "").lower() == "true"
+        return pushed
+
+    def push_many(self, jobs):
+        """Push job dicts through `POST /jobs`, 1000 a request; returns the stored jobs in the
+        order given. Each batch is stored all or nothing. A duplicate `uniqueKey` is answered with
+        the job already stored (its id shows it; no `duplicate` flag here). A refused batch
+        raises `BatchError`, with the jobs the batches before it stored."""
+        jobs = [with_policy(job) if isinstance(job, dict) else job for job in jobs]
+        pushed = []
+        for start in range(0, len(jobs), BATCH_SIZE):
+            try:
+                pushed += self.request("POST", "/jobs", body=jobs[start:start + BATCH_SIZE])["jobs"]
+            except HQAuthError:
+                raise
+            except HQError as e:
+                # The server counts from the batch's start; count from the caller's list instead.
+                m = re.match(r"jobs\[(\d+)\]: (.*)", e.error, re.S)
+                index, reason = (start + int(m[1]), m[2]) if m else (None, e.error)
+                if e.status == 404 and not m:
+                    reason += " (the server has no batch push, POST /jobs: it is HQ or an older hq-gevent)"
+                error = f"jobs[{index}]: {reason}" if m else reason
+                raise BatchError(e.status, error, index, reason, pushed) from None
+        return pushed
 
     def list(self, name=None, term=None, begin=None, reverse=False, status=None, limit=None):
         """One page: {"jobs": [...], "hasNext": bool, "next": id (when hasNext), "count": n}."""
