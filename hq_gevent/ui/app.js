@@ -43,30 +43,123 @@
         ? JSON.rawJSON(ctx.source) : v);
   }
 
-  class ApiError extends Error {}
+  class ApiError extends Error {
+    constructor(message, status) { super(message); this.status = status || 0; }
+  }
 
-  // Calls the API; resolves to the decoded body, or throws ApiError with the server's own text.
-  async function api(method, path, body) {
+  // ---- sign-in (SPEC §11): the token lives for the browser session, per UI basename ----------
+
+  const TOKEN_KEY = "hq-gevent-token:" + BASE;
+  let memoryToken = null; // fallback when the browser refuses sessionStorage (e.g. some private modes)
+  function getToken() {
+    try { return sessionStorage.getItem(TOKEN_KEY); } catch (e) { return memoryToken; }
+  }
+  function setToken(t) {
+    memoryToken = t;
+    try {
+      if (t === null) sessionStorage.removeItem(TOKEN_KEY); else sessionStorage.setItem(TOKEN_KEY, t);
+    } catch (e) { /* memoryToken holds it */ }
+    signOutBtn.hidden = t === null;
+  }
+  const signOutBtn = document.getElementById("sign-out");
+  signOutBtn.hidden = !getToken();
+  signOutBtn.addEventListener("click", () => {
+    setToken(null);
+    signIn("You are signed out.");
+  });
+
+  const FORBIDDEN_MSG = "Not allowed (HTTP 403): this token is read-only. Stopping, restarting, deleting or " +
+    "pushing jobs needs a full token (auth_tokens); read-only tokens (auth_read_tokens) may only look.";
+
+  // Raw request with the token; resolves to {resp, text} or throws ApiError on a network failure.
+  async function send(method, path, body, token) {
     const opts = { method, headers: { Accept: "application/json" } };
+    if (token) opts.headers.Authorization = "Bearer " + token;
     if (body !== undefined) {
       opts.headers["Content-Type"] = "application/json";
       opts.body = JSON.stringify(body);
     }
-    let resp, text;
     try {
-      resp = await fetch(API + path, opts);
-      text = await resp.text();
+      const resp = await fetch(API + path, opts);
+      return { resp, text: await resp.text() };
     } catch (e) {
       throw new ApiError("Cannot reach the server: " + e.message);
     }
+  }
+
+  // Calls the API; resolves to the decoded body, or throws ApiError with the server's own text.
+  // A 401 replaces the page with the sign-in form (the view that asked is abandoned).
+  async function api(method, path, body) {
+    const sentToken = getToken();
+    const { resp, text } = await send(method, path, body, sentToken);
     let data = null;
     try { data = text ? parseJSON(text) : null; } catch (e) { /* not JSON: reported below */ }
+    if (resp.status === 401) {
+      // Only the first of several parallel 401s (or one after a newer sign-in) changes the page.
+      if (getToken() === sentToken) {
+        if (sentToken) setToken(null);
+        signIn(sentToken ? "The server no longer accepts the token you signed in with. Sign in again." : "");
+      }
+      throw new ApiError("Sign-in required (HTTP 401)", 401);
+    }
+    if (resp.status === 403) throw new ApiError(FORBIDDEN_MSG, 403);
     if (!resp.ok) {
       const msg = data && typeof data.error === "string" ? data.error : (text || resp.statusText);
-      throw new ApiError(msg + " (HTTP " + resp.status + ")");
+      throw new ApiError(msg + " (HTTP " + resp.status + ")", resp.status);
     }
-    if (data === null) throw new ApiError("The server sent a response that is not JSON (HTTP " + resp.status + ")");
+    if (data === null) {
+      const err = new ApiError("The server sent a response that is not JSON (HTTP " + resp.status + ")", resp.status);
+      err.notJson = true;
+      throw err;
+    }
     return data;
+  }
+
+  // The sign-in form takes the place of the current view; after a good token the same address
+  // is shown again, so a deep link survives signing in.
+  function signIn(notice) {
+    if (document.getElementById("sign-in")) return;
+    document.title = "Sign in — hq-gevent";
+    const tokenIn = h("input", { id: "token", name: "token", type: "password", autocomplete: "current-password",
+      spellcheck: "false", required: true, "aria-describedby": "sign-in-help" });
+    const submit = h("button", { type: "submit", id: "sign-in-submit" }, "Sign in");
+    const msgs = messageBox();
+    const form = h("form", { class: "sign-in", id: "sign-in", "aria-labelledby": "sign-in-title" },
+      h("h1", { id: "sign-in-title" }, "Sign in"),
+      h("p", { id: "sign-in-help", class: "muted" },
+        "This server asks for an API token (one of its auth_tokens, or an auth_read_tokens token to look only). " +
+        "It is kept in this browser tab until you sign out or close it."),
+      h("label", { for: "token" }, "API token", tokenIn),
+      submit, msgs);
+    if (notice) msgs.show(notice, "ok");
+    let busy = false;
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      const token = tokenIn.value.trim();
+      if (!token || busy) return;
+      busy = true;
+      form.setAttribute("aria-busy", "true");
+      try {
+        // Checked before it is kept, so a mistyped token gets an answer here, not a blank page.
+        const { resp } = await send("GET", "/stats", undefined, token);
+        if (resp.status === 401) {
+          msgs.show("The server refused this token (HTTP 401).", "error");
+          tokenIn.select();
+          return;
+        }
+        setToken(token);
+        showVersion();
+        route();
+        main.focus({ preventScroll: true });
+      } catch (e) {
+        msgs.show(e.message, "error");
+      } finally {
+        busy = false;
+        form.removeAttribute("aria-busy");
+      }
+    });
+    main.replaceChildren(form);
+    tokenIn.focus();
   }
 
   function jobUrl(id) { return BASE + "/job/" + encodeURIComponent(id); }
@@ -109,6 +202,35 @@
   function statusBadge(status) {
     const known = STATUSES.includes(status) ? status : "unknown";
     return h("span", { class: "status status-" + known, "data-status": status }, status);
+  }
+
+  // Time left until `iso`, to the second: "42 s", "3 min 5 s", "2 h 10 min", "1 d 4 h".
+  function fmtCountdown(iso, now) {
+    const left = Math.ceil((Date.parse(iso) - now) / 1000);
+    if (!(left > 0)) return "due now";
+    if (left < 60) return left + " s";
+    if (left < 3600) return Math.floor(left / 60) + " min " + (left % 60) + " s";
+    if (left < 86400) return Math.floor(left / 3600) + " h " + Math.floor((left % 3600) / 60) + " min";
+    return Math.floor(left / 86400) + " d " + Math.floor((left % 86400) / 3600) + " h";
+  }
+
+  // SPEC §10.3: a job that failed an attempt and waits for the next one.
+  function isRetrying(job) {
+    return job.waiting === true && job.attempts > 0 && !!job.runAt;
+  }
+
+  // The list's mark for a job that waits for a later attempt: "retry 2 of 3 · in 4 s" for a
+  // retrying job, "scheduled · in 5 min 0 s" for a first attempt with a future runAt.
+  function nextAttemptTag(job, now) {
+    if (job.waiting !== true || !job.runAt) return null;
+    const when = fmtCountdown(job.runAt, now);
+    const max = job.retry && job.retry.maxAttempts;
+    if (isRetrying(job)) {
+      return h("span", { class: "tag tag-retry", title: "next attempt at " + job.runAt },
+        "retry " + (job.attempts + 1) + (max ? " of " + max : "") + " · " + (when === "due now" ? when : "in " + when));
+    }
+    return h("span", { class: "tag tag-scheduled", title: "runs at " + job.runAt },
+      "scheduled · " + (when === "due now" ? when : "in " + when));
   }
 
   function timeCell(iso, now) {
@@ -181,8 +303,8 @@
 
     const statEls = {};
     const statDefs = [
-      ["queueUsage", "Queue usage"], ["numWaitingJobs", "Waiting"], ["numRunningJobs", "Running"],
-      ["numWorkers", "Workers busy"], ["numJobs", "Stored jobs"],
+      ["queueUsage", "Queue usage"], ["numWaitingJobs", "Waiting"], ["numScheduledJobs", "Scheduled"],
+      ["numRunningJobs", "Running"], ["numWorkers", "Workers busy"], ["numJobs", "Stored jobs"],
     ];
     const stats = h("section", { class: "stats", "aria-label": "Server statistics" },
       statDefs.map(([key, label]) => {
@@ -229,8 +351,9 @@
     const pager = h("nav", { class: "pager", "aria-label": "Pages" }, firstBtn, prevBtn, nextBtn, pageInfo);
 
     const msgs = messageBox();
+    const charts = liveCharts();
     const view = h("div", { id: "dashboard", "data-refreshes": "0" },
-      h("h1", {}, "Jobs"), stats, form, toolbar, msgs, h("div", { class: "table-wrap" }, table), pager);
+      h("h1", {}, "Jobs"), stats, charts.el, form, toolbar, msgs, h("div", { class: "table-wrap" }, table), pager);
     main.replaceChildren(view);
     let nextId = null;
 
@@ -283,12 +406,12 @@
     function renderRows(jobs, now) {
       // Keep keyboard focus on the same job's link across a refresh.
       const focusedId = document.activeElement && document.activeElement.dataset ? document.activeElement.dataset.jobId : undefined;
-      const rows = jobs.map((job) => h("tr", { "data-id": job.id, "data-status": job.status },
+      const rows = jobs.map((job) => h("tr", { "data-id": job.id, "data-status": job.status, "data-retrying": isRetrying(job) },
         h("td", { "data-label": "ID", class: "id" }, h("a", { href: jobUrl(job.id), "data-job-id": job.id }, job.id)),
         h("td", { "data-label": "Name", class: "name" }, job.name),
         h("td", { "data-label": "Created" }, timeCell(job.createdAt, now)),
         h("td", { "data-label": "Duration" }, jobDuration(job, now)),
-        h("td", { "data-label": "Status" }, statusBadge(job.status))));
+        h("td", { "data-label": "Status" }, h("span", { class: "status-cell" }, statusBadge(job.status), nextAttemptTag(job, now)))));
       if (!rows.length) rows.push(h("tr", { class: "empty" }, h("td", { colspan: 5 }, "No jobs match.")));
       tbody.replaceChildren(...rows);
       if (focusedId !== undefined) {
@@ -307,8 +430,10 @@
       if (st.status) q.set("status", st.status);
       if (st.begin) q.set("begin", st.begin);
       const scrollY = window.scrollY;
-      const [statsRes, listRes] = await Promise.allSettled([api("GET", "/stats"), api("GET", "/job?" + q)]);
-      if (gen !== generation) return;
+      const [statsRes, listRes, histRes] = await Promise.allSettled(
+        [api("GET", "/stats"), api("GET", "/job?" + q), api("GET", "/stats/history")]);
+      // Dropped when a newer load started, or when the view is gone (sign-in, another page).
+      if (gen !== generation || !view.isConnected) return;
       const now = Date.now();
       const errors = [];
       if (statsRes.status === "fulfilled") {
@@ -321,6 +446,11 @@
           statEls.queueUsage.append(queueOf);
         }
       } else errors.push(statsRes.reason.message);
+      // A server without the history route (404, or older ones that answer the UI page) just has
+      // no charts; other failures are reported.
+      if (histRes.status === "fulfilled") charts.update(histRes.value);
+      else if (histRes.reason.status === 404 || histRes.reason.notJson) charts.unavailable("This server does not keep a stats history.");
+      else if (statsRes.status === "fulfilled") errors.push(histRes.reason.message);
       if (listRes.status === "fulfilled") {
         const data = listRes.value;
         nextId = data.hasNext && data.next ? String(data.next) : null;
@@ -343,12 +473,163 @@
     load(true);
   }
 
+  // ---- live charts of the last 10 minutes (uPlot, vendored under vendor/uplot) ---------------
+
+  // Stacked bottom to top in this order; colours follow the status badges.
+  const FINISHED = [
+    { key: "success", stroke: "#2b8a3e", fill: "#b2dfbb" },
+    { key: "failure", stroke: "#c92a2a", fill: "#f5b5b0" },
+    { key: "canceled", stroke: "#5f6670", fill: "#d3d7dc" },
+  ];
+  const GAUGES = [
+    { key: "waiting", stroke: "#1f5fbf" },
+    { key: "scheduled", stroke: "#9c36b5" },
+    { key: "running", stroke: "#0c8599" },
+  ];
+  const CHART_HEIGHT = 170;
+
+  function numbers(arr) { return Array.isArray(arr) ? arr.map((v) => (typeof v === "number" && isFinite(v) ? v : 0)) : []; }
+  function total(arr) { return arr.reduce((a, b) => a + b, 0); }
+
+  // The page's two charts. `update(history)` takes GET /stats/history as the server sent it; the
+  // last answer and both uPlot instances stay on window.HQ_CHARTS for anyone inspecting the page.
+  function liveCharts() {
+    const finishedSummary = h("p", { class: "chart-summary", id: "chart-finished-summary" });
+    const gaugesSummary = h("p", { class: "chart-summary", id: "chart-gauges-summary" });
+    const finishedBox = h("div", { class: "chart-canvas", id: "chart-finished" });
+    const gaugesBox = h("div", { class: "chart-canvas", id: "chart-gauges" });
+    const note = h("p", { class: "muted charts-note", id: "charts-note", hidden: true });
+    const figures = [
+      h("figure", { class: "chart" }, h("figcaption", {}, h("h2", {}, "Jobs finished per second"), finishedSummary), finishedBox),
+      h("figure", { class: "chart" }, h("figcaption", {}, h("h2", {}, "Jobs waiting, scheduled, running"), gaugesSummary), gaugesBox),
+    ];
+    const el = h("section", { class: "charts", id: "charts", "aria-label": "Last 10 minutes" }, figures, note);
+    const state = { history: null, finished: null, gauges: null, updates: 0 };
+    window.HQ_CHARTS = state;
+    let raw = {}; // series by key, for the legend (the finished chart draws running sums)
+    let resizer = null;
+
+    function baseOptions(width, series) {
+      const axis = { stroke: "#5b6475", grid: { stroke: "#e3e6eb", width: 1 }, ticks: { stroke: "#d9dde4", width: 1 } };
+      // Clock time only (the charts always span the last 10 minutes): one row of labels.
+      const xAxis = Object.assign({}, axis, { space: 60,
+        values: (u, splits) => splits.map((t) => new Date(t * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })) });
+      return {
+        width, height: CHART_HEIGHT,
+        series: [{}].concat(series),
+        scales: { y: { range: (u, min, max) => [0, Math.max(4, Math.ceil((max || 0) * 1.1))] } },
+        // Whole jobs only on the y axis.
+        axes: [xAxis, Object.assign({}, axis, { size: 44, incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 1e6] })],
+        cursor: { drag: { x: false, y: false, setScale: false } },
+        legend: { live: true },
+      };
+    }
+
+    function create() {
+      const U = window.uPlot;
+      const width = (box) => Math.max(200, box.clientWidth);
+      // Stacked: series i draws the running sum of the first i kinds; the lowest is filled down to
+      // zero and each band fills between a sum and the one below it. The legend shows raw counts.
+      const stacked = FINISHED.map((k, i) => ({
+        label: k.key, stroke: k.stroke, fill: i === 0 ? k.fill : undefined, width: 1, points: { show: false },
+        paths: U.paths.stepped({ align: 1 }),
+        value: (u, v, si, idx) => (idx === null || !raw[k.key] ? "--" : String(raw[k.key][idx] ?? "--")),
+      }));
+      const finishedOpts = baseOptions(width(finishedBox), stacked);
+      finishedOpts.bands = FINISHED.slice(1).map((k, i) => ({ series: [i + 2, i + 1], fill: k.fill }));
+      state.finished = new U(finishedOpts, [[], [], [], []], finishedBox);
+      const lines = GAUGES.map((k) => ({ label: k.key, stroke: k.stroke, width: 2, points: { show: false } }));
+      state.gauges = new U(baseOptions(width(gaugesBox), lines), [[], [], [], []], gaugesBox);
+      // Follows the page width (phone rotation, window resize).
+      resizer = new ResizeObserver(() => {
+        if (!el.isConnected) { resizer.disconnect(); return; }
+        for (const [c, box] of [[state.finished, finishedBox], [state.gauges, gaugesBox]]) {
+          if (c.width !== width(box)) c.setSize({ width: width(box), height: CHART_HEIGHT });
+        }
+      });
+      resizer.observe(el);
+    }
+
+    function update(hist) {
+      const series = hist && hist.series ? hist.series : {};
+      raw = {};
+      for (const k of FINISHED.concat(GAUGES)) raw[k.key] = numbers(series[k.key]);
+      const n = Math.max(...Object.values(raw).map((a) => a.length));
+      const step = Number(hist.interval) > 0 ? Number(hist.interval) : 1;
+      const end = Number(hist.end) || Math.floor(Date.now() / 1000);
+      const xs = Array.from({ length: n }, (_, i) => end - (n - 1 - i) * step);
+      const pad = (a) => (a.length === n ? a : new Array(n - a.length).fill(0).concat(a)); // align to the newest slot
+      for (const k in raw) raw[k] = pad(raw[k]);
+
+      finishedSummary.replaceChildren("last 10 min: ",
+        ...FINISHED.flatMap((k, i) => [i ? " · " : "", h("span", { "data-total": k.key }, String(total(raw[k.key]))), " " + k.key]));
+      gaugesSummary.replaceChildren("now: ",
+        ...GAUGES.flatMap((k, i) => [i ? " · " : "", h("span", { "data-now": k.key }, String(n ? raw[k.key][n - 1] : 0)), " " + k.key]));
+      note.hidden = true;
+      figures.forEach((f) => { f.hidden = false; });
+      state.history = hist;
+      state.updates++;
+      if (!window.uPlot) {
+        note.textContent = "The chart library (vendor/uplot) did not load; totals only.";
+        note.hidden = false;
+        return;
+      }
+      if (!state.finished) create();
+      let run = new Array(n).fill(0);
+      const sums = FINISHED.map((k) => (run = run.map((v, i) => v + raw[k.key][i])));
+      state.finished.setData([xs].concat(sums));
+      state.gauges.setData([xs].concat(GAUGES.map((k) => raw[k.key])));
+    }
+
+    function unavailable(text) {
+      figures.forEach((f) => { f.hidden = true; });
+      note.textContent = text;
+      note.hidden = false;
+    }
+
+    return { el, update, unavailable };
+  }
+
   // ---- job detail ---------------------------------------------------------------------------
 
   const FIELD_ORDER = ["id", "name", "comment", "url", "status", "createdAt", "startedAt", "finishedAt", "timeout",
-    "waiting", "running", "success", "failure", "canceled", "statusCode", "err"];
+    "waiting", "running", "success", "failure", "canceled", "statusCode", "err",
+    "attempts", "runAt", "retry", "uniqueKey", "history"];
   const BLOCK_FIELDS = ["payload", "headers", "output"];
   const TIME_FIELDS = ["createdAt", "startedAt", "finishedAt"];
+
+  function secondsText(v) { return typeof v === "number" ? v + " s" : scalarText(v); }
+
+  // {"maxAttempts":3,"minBackoff":5,...} → "up to 3 attempts · backoff 5 s to 3600 s · no time limit"
+  function retryText(r) {
+    if (!r || typeof r !== "object") return scalarText(r);
+    const parts = [r.maxAttempts === 1 ? "1 attempt (no retry)" : "up to " + r.maxAttempts + " attempts"];
+    if (r.maxAttempts !== 1) {
+      parts.push("backoff " + secondsText(r.minBackoff) + " to " + secondsText(r.maxBackoff));
+      parts.push(r.maxRetryDuration > 0 ? "retries stop " + secondsText(r.maxRetryDuration) + " after the first attempt" : "no time limit");
+    }
+    return parts.join(" · ");
+  }
+
+  // The failed attempts before the current one (SPEC §10.1 `history`), oldest first.
+  function historyTable(history, now) {
+    const rows = history.map((a) => h("tr", { "data-attempt": a.attempt },
+      h("td", { "data-label": "Attempt" }, String(a.attempt)),
+      h("td", { "data-label": "Started" }, timeCell(a.startedAt, now)),
+      h("td", { "data-label": "Finished" }, timeCell(a.finishedAt, now)),
+      h("td", { "data-label": "Status code", class: "mono" }, a.statusCode === null || a.statusCode === undefined ? "—" : String(a.statusCode)),
+      h("td", { "data-label": "Error", class: "err" }, a.err || "—")));
+    return h("div", { class: "table-wrap" },
+      h("table", { class: "jobs attempts", id: "history" },
+        h("caption", { class: "sr-only" }, "Failed attempts"),
+        h("thead", {}, h("tr", {}, ["Attempt", "Started", "Finished", "Status code", "Error"].map((c) => h("th", { scope: "col" }, c)))),
+        h("tbody", {}, rows)));
+  }
+
+  function countdownText(iso, now) {
+    const left = fmtCountdown(iso, now);
+    return left === "due now" ? "(due now)" : "(in " + left + ")";
+  }
 
   function scalarText(v) {
     if (v === null || v === undefined) return "null";
@@ -359,6 +640,12 @@
   function jobPage(id) {
     document.title = "Job " + id + " — hq-gevent";
     let timer = null, job = null, busy = false;
+    // The runAt countdown ticks on its own, so it moves between the (slower) reloads.
+    const ticker = setInterval(() => {
+      if (!view.isConnected) { clearInterval(ticker); return; }
+      const el = document.getElementById("runat-countdown");
+      if (el) el.textContent = countdownText(el.dataset.runAt, Date.now());
+    }, 1000);
     const title = h("h1", {}, "Job ", h("span", { class: "mono", id: "job-id" }, id), " ");
     const badgeSlot = h("span", { id: "job-status" });
     title.append(badgeSlot);
@@ -448,6 +735,18 @@
         if (k === "status") dd = h("dd", {}, statusBadge(v));
         else if (TIME_FIELDS.includes(k) && v) dd = h("dd", {}, h("span", { class: "mono" }, v), " ", h("span", { class: "muted" }, "(" + relTime(v, now) + ")"));
         else if (k === "timeout") dd = h("dd", {}, v === 0 ? "0 (none)" : scalarText(v) + " s");
+        else if (k === "attempts") {
+          const max = job.retry && job.retry.maxAttempts;
+          dd = h("dd", {}, String(v), max ? h("span", { class: "muted" }, " of " + max) : null);
+        } else if (k === "runAt" && v) {
+          // Ticks every second between loads (see countdown below).
+          dd = h("dd", {}, h("span", { class: "mono" }, v), " ",
+            h("span", { class: "countdown", id: "runat-countdown", "data-run-at": v }, countdownText(v, now)));
+        } else if (k === "retry") dd = h("dd", {}, retryText(v));
+        else if (k === "history" && Array.isArray(v)) {
+          dd = h("dd", { class: v.length ? "" : "muted" },
+            v.length ? v.length + " failed attempt" + (v.length > 1 ? "s" : "") + " (below)" : "none");
+        }
         else dd = h("dd", { class: v === null || v === "" ? "muted" : "" }, v === "" ? "(empty)" : scalarText(v));
         dd.dataset.field = k;
         items.push(h("div", { class: "field" }, h("dt", {}, k), dd));
@@ -456,7 +755,10 @@
         }
       }
       fields.replaceChildren(...items);
-      blocks.replaceChildren(...BLOCK_FIELDS.filter((k) => k in job).map((k) =>
+      const hist = Array.isArray(job.history) && job.history.length
+        ? h("section", { class: "block", id: "attempts" }, h("h2", {}, "Failed attempts"), historyTable(job.history, now))
+        : null;
+      blocks.replaceChildren(...(hist ? [hist] : []), ...BLOCK_FIELDS.filter((k) => k in job).map((k) =>
         h("section", { class: "block" }, h("h2", {}, k),
           job[k] === null || job[k] === ""
             ? h("p", { id: "block-" + k, class: "muted empty-block" }, job[k] === null ? "null" : "(empty)")
@@ -478,7 +780,7 @@
       loads++;
       view.dataset.loads = String(loads);
       // Follow a job that is still moving; a finished job does not change by itself.
-      if (ACTIVE.includes(job.status)) timer = setTimeout(load, REFRESH_MS);
+      if (ACTIVE.includes(job.status) && view.isConnected) timer = setTimeout(load, REFRESH_MS);
     }
 
     load();
