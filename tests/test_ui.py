@@ -49,9 +49,15 @@ class UI:
         self.page.set_default_timeout(WAIT_MS)
         self.base = "/ui"
         self.urls, self.errors, self.dialogs = [], [], []
-        self.page.on("request", lambda r: self.urls.append(r.url))
+        self.api_calls = []  # (url, Authorization header or None) of each call to the UI's API
+        self.page.on("request", self._request)
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
         self.page.on("dialog", self._dialog)
+
+    def _request(self, request):
+        self.urls.append(request.url)
+        if urlsplit(request.url).path.startswith(self.base + "/internal/"):
+            self.api_calls.append((request.url, request.headers.get("authorization")))
 
     def _dialog(self, dialog):
         self.dialogs.append(dialog.message)
@@ -167,7 +173,7 @@ def test_dashboard_lists_jobs_with_their_statuses_and_stats(make_server, worker,
     assert ui.page.text_content(f"#jobs-body tr[data-id='{ok['id']}'] td[data-label=Duration]").strip()
     # Stats as the server reports them (the ones that cannot move while the worker is held).
     stats = srv.api("GET", "/stats")[1]
-    for key in ("numJobs", "numRunningJobs", "numWaitingJobs", "numWorkers"):
+    for key in ("numJobs", "numRunningJobs", "numWaitingJobs", "numScheduledJobs", "numWorkers"):
         assert ui.stat(key) == str(stats[key]), key
     assert (ui.stat("numJobs"), ui.stat("numRunningJobs"), ui.stat("numWaitingJobs")) == ("5", "1", "1")
     assert ui.stat("queueUsage").isdigit()
@@ -489,3 +495,367 @@ def test_ui_disabled_is_404(make_server):
         r = requests.get(srv.url + path, allow_redirects=False, timeout=10)
         assert r.status_code == 404, path
     assert requests.get(srv.url + "/stats", timeout=10).status_code == 200
+
+
+# --- delivery policy: attempts, history, runAt (SPEC §10) ------------------------------------------
+
+def poll(fetch, ok, what, timeout=15):
+    """Call `fetch` until `ok(result)` (bounded); returns that result."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fetch()
+        if ok(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}: {value}")
+        time.sleep(0.05)
+
+
+def countdown_seconds(page):
+    """The job page's runAt countdown in whole seconds ("(in 1 min 4 s)" → 64, "(due now)" → 0)."""
+    text = page.text_content("#runat-countdown").strip("() ")
+    if text == "due now":
+        return 0
+    assert text.startswith("in "), text
+    units = {"s": 1, "min": 60, "h": 3600, "d": 86400}
+    parts = text[3:].split()
+    return sum(int(n) * units[u] for n, u in zip(parts[::2], parts[1::2]))
+
+
+def seconds_until(iso):
+    from datetime import datetime
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() - time.time()
+
+
+def test_job_page_shows_failed_attempts_and_counts_down_to_the_next(make_server, worker, ui):
+    srv = make_server()
+    worker.respond(500, b"db down")
+    job = srv.push(url=worker.url + "/w", name="flaky", retry={"maxAttempts": 3, "minBackoff": 5})
+    first = poll(lambda: srv.job(job["id"]), lambda j: j["attempts"] == 1 and j["waiting"] and j["runAt"],
+                 "the first failed attempt")
+    later = srv.push(url=worker.url + "/w", name="later", delay=300)
+    page = ui.page
+
+    ui.open(srv, f"/job/{job['id']}")
+    wait_text(page, "#job-status", "waiting")
+    assert page.text_content("[data-field=attempts]") == "1 of 3"
+    assert page.text_content("[data-field=retry]").startswith("up to 3 attempts · backoff 5 s to 3600 s")
+    # The failed attempt, as the server recorded it.
+    [att] = first["history"]
+    assert (att["attempt"], att["statusCode"], att["err"]) == (1, 500, "Internal Server Error")
+    cells = page.eval_on_selector_all("#history tbody tr", "trs => trs.map(tr => [...tr.cells].map(c => c.textContent))")
+    assert len(cells) == 1 and (cells[0][0], cells[0][3], cells[0][4]) == ("1", "500", "Internal Server Error"), cells
+    assert att["startedAt"] in page.get_attribute("#history tbody tr td:nth-child(2) time", "title")
+    assert att["finishedAt"] in page.get_attribute("#history tbody tr td:nth-child(3) time", "title")
+    # A live countdown to runAt (equal jitter: the first backoff is 2.5-5 s), ticking between loads.
+    assert page.text_content("[data-field=runAt]").startswith(first["runAt"])
+    left = countdown_seconds(page)
+    assert abs(left - seconds_until(first["runAt"])) <= 2, (left, first["runAt"])
+    assert 0 < left <= 5
+    page.wait_for_function(f"!document.querySelector('#runat-countdown') || "
+                           f"!document.querySelector('#runat-countdown').textContent.includes('in {left} s')")
+    ui.shot("job-retrying.png", full_page=True)
+
+    # The list marks the retrying job and the scheduled one, and counts both as scheduled.
+    ui.open(srv)
+    stats = srv.api("GET", "/stats")[1]
+    ui.until(lambda: ui.stat("numScheduledJobs") == str(stats["numScheduledJobs"]), "the scheduled count")
+    retry_row = f"#jobs-body tr[data-id='{job['id']}']"
+    later_row = f"#jobs-body tr[data-id='{later['id']}']"
+    if srv.job(job["id"])["attempts"] == 1:  # unless attempt 2 is already under way
+        assert page.get_attribute(retry_row, "data-retrying") == ""
+        assert page.text_content(retry_row + " .tag-retry").startswith("retry 2 of 3 · ")
+    assert page.get_attribute(later_row, "data-retrying") is None
+    tag = page.text_content(later_row + " .tag-scheduled")
+    assert tag.startswith("scheduled · in 4 min") or tag == "scheduled · in 5 min 0 s", tag
+    assert page.locator(later_row + " .tag-retry").count() == 0
+
+    # Attempt 2 fails too: the open page follows it without a reload.
+    ui.open(srv, f"/job/{job['id']}")
+    page.wait_for_function("document.querySelectorAll('#history tbody tr').length === 2", timeout=15_000)
+    wait_text(page, "[data-field=attempts]", "2 of 3")
+    second = srv.job(job["id"])
+    assert [a["attempt"] for a in second["history"]] == [1, 2]
+    assert page.eval_on_selector_all("#history tbody tr", "trs => trs.map(tr => tr.dataset.attempt)") == ["1", "2"]
+    assert 0 <= countdown_seconds(page) <= 10  # the second backoff is 5-10 s
+    # Stop cancels a job that waits for its retry: it is never sent again.
+    page.click("#act-stop")
+    wait_text(page, "#job-status", "canceled")
+    assert page.locator("#runat-countdown").count() == 0
+    time.sleep(1)
+    assert worker.job_ids().count(job["id"]) == 2
+    assert srv.job(job["id"])["status"] == "canceled"
+
+
+# --- sign-in (SPEC §11) ------------------------------------------------------------------------
+
+FULL_TOKEN = "ui-test-full-token-0123456789"
+READ_TOKEN = "ui-test-read-token-0123456789"
+TOKEN_KEY = "hq-gevent-token:/ui"
+
+
+def start_with_tokens(srv, token=FULL_TOKEN, timeout=20):
+    """Start `srv` (configured with tokens) and wait until it answers `token` (GET / needs one)."""
+    srv.session.headers["Authorization"] = "Bearer " + token
+    srv.start(wait=False)
+    poll(lambda: (srv.proc.poll(), _status(srv)), lambda r: r[0] is not None or r[1] == 200,
+         "the server to answer", timeout)
+    assert srv.proc.poll() is None, srv.log()
+    return srv
+
+
+def _status(srv):
+    try:
+        return srv.request("GET", "/", timeout=1).status_code
+    except requests.RequestException:
+        return None
+
+
+def sign_in(page, token):
+    page.wait_for_selector("#sign-in")
+    page.fill("#token", token)
+    page.press("#token", "Enter")
+
+
+def test_sign_in_on_401_keeps_the_token_for_the_session_and_signs_out(make_server, worker, ui):
+    srv = start_with_tokens(make_server(start=False, auth_tokens=[FULL_TOKEN], auth_read_tokens=[READ_TOKEN]))
+    worker.hold()
+    job = srv.push(url=worker.url + "/w", name="guarded")
+    srv.wait_job(job["id"], statuses=("running",))
+    # The UI's own files are served without a token; its API is not.
+    assert requests.get(srv.url + "/ui/app.js", timeout=10).status_code == 200
+    assert requests.get(srv.url + "/ui/vendor/uplot/uPlot.iife.min.js", timeout=10).status_code == 200
+    r = requests.get(srv.url + "/ui/internal/stats", timeout=10)
+    assert r.status_code == 401 and r.json() == {"status": 401, "error": "Unauthorized"}
+    page = ui.page
+
+    page.goto(srv.url + f"/ui/job/{job['id']}")  # a deep link: the prompt first, then that page
+    page.wait_for_selector("#sign-in")
+    assert page.evaluate("document.activeElement.id") == "token"
+    assert not page.is_visible("#sign-out")
+    assert page.locator("#job-view").count() == 0
+    ui.shot("sign-in.png")
+
+    # A wrong token is refused and not kept.
+    sign_in(page, "not-the-right-token-0123456789")
+    page.wait_for_selector("#sign-in .msg-error")
+    assert "refused" in page.text_content("#sign-in .msg-error")
+    assert page.evaluate("sessionStorage.length") == 0
+    assert page.locator("#job-view").count() == 0
+
+    before = len(ui.api_calls)
+    sign_in(page, FULL_TOKEN)
+    wait_text(page, "#job-status", "running")
+    assert page.evaluate(f"sessionStorage.getItem('{TOKEN_KEY}')") == FULL_TOKEN
+    assert page.is_visible("#sign-out")
+    page.wait_for_function("document.querySelector('#version').textContent.startsWith('v')")
+    # Every API call after signing in carried the token.
+    calls = ui.api_calls[before:]
+    assert calls and all(auth == "Bearer " + FULL_TOKEN for _, auth in calls), calls
+
+    # A full token may act.
+    page.click("#act-stop")
+    wait_text(page, "#job-status", "canceled")
+    assert srv.job(job["id"])["status"] == "canceled"
+
+    # The token lasts for the tab's session: a reload goes straight to the page.
+    ui.open(srv)
+    assert ui.ids() == [job["id"]] and page.locator("#sign-in").count() == 0
+    assert ui.stat("numJobs") == "1"
+
+    # Sign out forgets it; the dashboard stops asking the server.
+    page.click("#sign-out")
+    page.wait_for_selector("#sign-in")
+    assert page.evaluate("sessionStorage.length") == 0
+    assert not page.is_visible("#sign-out")
+    calls = len(ui.api_calls)
+    time.sleep(REFRESH_MS * 4 / 1000)
+    assert len(ui.api_calls) == calls, ui.api_calls[calls:]
+    page.reload()
+    page.wait_for_selector("#sign-in")
+    assert all(auth is None for _, auth in ui.api_calls[calls:])
+
+    # Another browser session has to sign in on its own.
+    other = page.context.browser.new_context()
+    try:
+        tab = other.new_page()
+        tab.goto(srv.url + "/ui/")
+        tab.wait_for_selector("#sign-in")
+    finally:
+        other.close()
+
+
+def test_read_only_token_can_look_but_not_act_and_a_revoked_token_asks_again(make_server, worker, ui):
+    srv = start_with_tokens(make_server(start=False, auth_tokens=[FULL_TOKEN], auth_read_tokens=[READ_TOKEN]))
+    worker.hold()
+    job = srv.push(url=worker.url + "/w", name="look-only")
+    srv.wait_job(job["id"], statuses=("running",))
+    page = ui.page
+    page.goto(srv.url + "/ui/")
+    sign_in(page, READ_TOKEN)
+    ui.wait_refresh(0)
+    assert ui.ids() == [job["id"]]
+
+    ui.open(srv, f"/job/{job['id']}")
+    wait_text(page, "#job-status", "running")
+    page.click("#act-stop")
+    page.wait_for_selector(".msg-error")
+    msg = page.text_content(".msg-error")
+    assert "read-only" in msg and "403" in msg, msg
+    page.evaluate("document.querySelector('.messages').replaceChildren()")
+    page.click("#act-delete")
+    page.click("#confirm-delete")
+    page.wait_for_selector(".msg-error")
+    assert "read-only" in page.text_content(".msg-error")
+    assert srv.job(job["id"])["status"] == "running"
+    assert page.locator("#sign-in").count() == 0  # a 403 is not a reason to sign in again
+    worker.release()
+    srv.wait_job(job["id"])
+
+    # The server restarts with other read tokens: the page drops the stale one and asks again.
+    ui.open(srv)
+    assert srv.stop() == 0
+    srv.config["auth_read_tokens"] = ["ui-test-other-read-0123456789"]
+    start_with_tokens(srv)
+    page.wait_for_selector("#sign-in", timeout=20_000)
+    assert "no longer accepts" in page.text_content("#sign-in")
+    assert page.evaluate("sessionStorage.length") == 0
+    sign_in(page, FULL_TOKEN)
+    ui.wait_refresh(0)
+    assert ui.ids() == [job["id"]]
+    assert page.url == srv.url + "/ui/"
+
+
+# --- live charts (SPEC §12) ----------------------------------------------------------------------
+
+# Pixels of the chart canvases by dominant hue (uPlot's colours for the series; axes and grid are grey).
+COUNT_COLOURS = """sel => {
+  const c = document.querySelector(sel + ' canvas');
+  if (!c || !c.width) return null;
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  const n = {green: 0, red: 0, blue: 0, violet: 0, other: 0};
+  for (let i = 0; i < d.length; i += 4) {
+    const [r, g, b, a] = [d[i], d[i + 1], d[i + 2], d[i + 3]];
+    if (a < 128) continue;
+    if (g > r + 35 && g > b + 20) n.green++;
+    else if (r > g + 55 && r > b + 55) n.red++;
+    else if (r > g + 40 && b > g + 40) n.violet++;
+    else if (b > r + 60) n.blue++;
+    else n.other++;
+  }
+  return n;
+}"""
+
+
+def chart_totals(page):
+    return page.evaluate("""() => {
+      const sum = a => a.reduce((x, y) => x + y, 0);
+      const d = window.HQ_CHARTS.finished.data, g = window.HQ_CHARTS.gauges.data;
+      const diff = (a, b) => a.map((v, i) => v - b[i]);
+      const last = a => a[a.length - 1];
+      return {success: sum(d[1]), failure: sum(diff(d[2], d[1])), canceled: sum(diff(d[3], d[2])),
+              points: d[0].length, step: d[0][1] - d[0][0], end: last(d[0]), serverEnd: window.HQ_CHARTS.history.end,
+              waiting: last(g[1]), scheduled: last(g[2]), running: last(g[3])};
+    }""")
+
+
+def finished_counters(srv):
+    from prometheus_client.parser import text_string_to_metric_families
+    text = srv.request("GET", "/metrics").text
+    return {s.labels["status"]: s.value for f in text_string_to_metric_families(text)
+            if f.name == "hq_jobs_finished" for s in f.samples if s.name == "hq_jobs_finished_total"}
+
+
+def test_charts_draw_and_match_the_servers_counters(make_server, worker, ui):
+    srv = make_server(dispatchers=1)
+    for i in range(5):
+        push_done(srv, worker, name=f"ok-{i}")
+    worker.respond(500, b"no")
+    for i in range(3):
+        push_done(srv, worker, name=f"bad-{i}")
+    worker.respond(200, b"OK")
+    worker.hold()
+    held = srv.push(url=worker.url + "/w", name="held")
+    srv.wait_job(held["id"], statuses=("running",))
+    queued = srv.push(url=worker.url + "/w", name="queued")
+    stopped = srv.push(url=worker.url + "/w", name="stopped")
+    assert srv.api("POST", f"/job/{stopped['id']}/stop")[0] == 200
+    later = srv.push(url=worker.url + "/w", name="later", delay=300)
+    page = ui.page
+
+    ui.open(srv)
+    page.wait_for_function("window.HQ_CHARTS && window.HQ_CHARTS.updates > 0")
+    wait_text(page, "#chart-finished-summary [data-total=success]", "5")
+    wait_text(page, "#chart-finished-summary [data-total=failure]", "3")
+    wait_text(page, "#chart-finished-summary [data-total=canceled]", "1")
+    # The gauges are sampled once a second: wait for a sample of the settled state.
+    stats = srv.api("GET", "/stats")[1]
+    assert (stats["numRunningJobs"], stats["numScheduledJobs"]) == (1, 1), stats
+    wait_text(page, "#chart-gauges-summary [data-now=running]", "1")
+    wait_text(page, "#chart-gauges-summary [data-now=scheduled]", "1")
+
+    # What the charts draw is what the server counted.
+    status, hist = srv.api("GET", "/stats/history")
+    assert status == 200 and hist["interval"] == 1
+    assert {k: len(v) for k, v in hist["series"].items()} == {k: 600 for k in (
+        "success", "failure", "canceled", "waiting", "scheduled", "running")}
+    server = {k: sum(hist["series"][k]) for k in ("success", "failure", "canceled")}
+    assert server == {"success": 5, "failure": 3, "canceled": 1}
+    assert finished_counters(srv) == {"success": 5.0, "failure": 3.0, "canceled": 1.0}
+    drawn = chart_totals(page)
+    assert {k: drawn[k] for k in server} == server
+    assert (drawn["points"], drawn["step"], drawn["end"]) == (600, 1, drawn["serverEnd"])
+    assert abs(drawn["end"] - hist["end"]) <= 3
+    assert drawn["running"] == hist["series"]["running"][-1] == 1
+    assert drawn["scheduled"] == hist["series"]["scheduled"][-1] == 1
+    assert drawn["waiting"] == hist["series"]["waiting"][-1] >= 1  # `queued` (and `later`, if counted as waiting)
+
+    # Both canvases are drawn, in the series' colours.
+    page.wait_for_function(f"(({COUNT_COLOURS})('#chart-finished') || {{}}).green > 0")
+    fin = page.evaluate(COUNT_COLOURS, "#chart-finished")
+    gauges = page.evaluate(COUNT_COLOURS, "#chart-gauges")
+    assert fin["green"] > 20 and fin["red"] > 5, fin
+    assert gauges["blue"] > 20 and gauges["violet"] > 20, gauges
+    ui.shot("charts.png")
+
+    # Refreshed with the list: the held and queued jobs finish and the chart follows, no reload.
+    page.evaluate("window.__same_page = true")
+    worker.release()
+    srv.wait_job(queued["id"])
+    wait_text(page, "#chart-finished-summary [data-total=success]", "7")
+    wait_text(page, "#chart-gauges-summary [data-now=running]", "0")
+    assert chart_totals(page)["success"] == 7
+    assert page.evaluate("window.__same_page") is True
+    assert srv.job(later["id"])["status"] == "waiting"
+
+
+def test_charts_fit_a_phone(make_server, worker, ui):
+    srv = make_server()
+    for i in range(6):
+        worker.respond(500 if i % 3 == 0 else 200, b"x")
+        push_done(srv, worker, name=f"job-{i}")
+    srv.push(url=worker.url + "/w", name="later", delay=600)
+    page = ui.page
+    page.set_viewport_size({"width": 375, "height": 812})
+    ui.open(srv)
+    wait_text(page, "#chart-finished-summary [data-total=success]", "4")
+    wait_text(page, "#chart-gauges-summary [data-now=scheduled]", "1")
+    ui.no_horizontal_scroll()
+    boxes = [page.locator(sel).bounding_box() for sel in ("#chart-finished canvas", "#chart-gauges canvas")]
+    for box in boxes:
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 375, box
+        assert box["width"] >= 280 and box["height"] >= 100, box  # most of the width, not a thumbnail
+    assert boxes[1]["y"] > boxes[0]["y"] + boxes[0]["height"]  # one above the other
+    # Legends and totals are on screen, in a readable size.
+    for sel in ("#chart-finished .u-legend", "#chart-gauges .u-legend", "#chart-finished-summary"):
+        box = page.locator(sel).bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 375, (sel, box)
+    size = page.eval_on_selector("#chart-finished .u-legend", "e => parseFloat(getComputedStyle(e).fontSize)")
+    assert size >= 11
+    page.wait_for_function(f"(({COUNT_COLOURS})('#chart-gauges') || {{}}).violet > 10")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.locator("#charts").screenshot(path=str(ARTIFACTS / "charts-phone.png"))
+    # Rotating the phone resizes the charts to the new width.
+    page.set_viewport_size({"width": 740, "height": 375})
+    page.wait_for_function("document.querySelector('#chart-finished canvas').getBoundingClientRect().width > 500")
+    ui.no_horizontal_scroll()

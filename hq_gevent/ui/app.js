@@ -34,13 +34,26 @@
   }
 
   // JSON numbers beyond double precision (e.g. a 64-bit id inside a payload) are kept verbatim
-  // where the browser supports JSON.rawJSON, so pretty-printing never alters the data.
+  // where the browser supports JSON.rawJSON, so pretty-printing never alters the data. Only those:
+  // a number that is merely written differently (`5.0`, `1E3`) stays a number the code can use.
   const HAS_RAW = typeof JSON.rawJSON === "function";
   function parseJSON(text) {
     if (!HAS_RAW) return JSON.parse(text);
     return JSON.parse(text, (k, v, ctx) =>
-      typeof v === "number" && ctx && typeof ctx.source === "string" && String(v) !== ctx.source
+      typeof v === "number" && ctx && typeof ctx.source === "string" && decimalKey(String(v)) !== decimalKey(ctx.source)
         ? JSON.rawJSON(ctx.source) : v);
+  }
+
+  // One spelling per decimal value: "5.0", "5" and "0.5e1" all give "5e0".
+  function decimalKey(t) {
+    const m = /^(-?)(\d+)(?:\.(\d+))?(?:[eE]([+-]?\d+))?$/.exec(t);
+    if (!m) return t; // Infinity, NaN: never equal to a JSON source
+    const frac = m[3] || "";
+    let digits = (m[2] + frac).replace(/^0+/, "");
+    if (!digits) return "0";
+    const kept = digits.replace(/0+$/, "");
+    const exp = parseInt(m[4] || "0", 10) - frac.length + (digits.length - kept.length);
+    return m[1] + kept + "e" + exp;
   }
 
   class ApiError extends Error {
