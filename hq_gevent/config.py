@@ -4,6 +4,8 @@ from dataclasses import dataclass, field, fields
 
 import toml
 
+from hq_gevent import hosts, signing
+
 
 class ConfigError(Exception):
     pass
@@ -134,6 +136,14 @@ def from_dict(values):
         raise ConfigError("config key 'retry_max_backoff' must be >= retry_min_backoff")
     if bool(config.tls_cert_file) != bool(config.tls_key_file):
         raise ConfigError("config keys 'tls_cert_file' and 'tls_key_file' must be set together")
+    try:
+        hosts.AllowedHosts(config.allowed_hosts)
+    except ValueError as e:
+        raise ConfigError(f"config key 'allowed_hosts': {e}") from None
+    try:
+        signing.Signer(config.signing_secrets)
+    except signing.SigningError as e:
+        raise ConfigError(f"config key 'signing_secrets': {e}") from None
     return config
 
 

@@ -1,5 +1,6 @@
 """Dispatchers: consumers of the job queue, each with a greenlet pool bounding its requests."""
 import logging
+import time
 
 import gevent
 import gevent.event
@@ -7,6 +8,7 @@ import gevent.pool
 
 from hq_gevent import retry, wal
 from hq_gevent.delivery import Delivery, DeliveryError, outcome_text, reason_phrase
+from hq_gevent.hosts import AllowedHosts
 from hq_gevent.ids import now_ms
 from hq_gevent.store import JobConflict
 
@@ -18,10 +20,13 @@ class JobStopped(gevent.GreenletExit):
 
 
 class Dispatchers:
-    def __init__(self, store, config):
+    def __init__(self, store, config, metrics=None):
         self.store = store
+        self.metrics = metrics or store.metrics
         self.config = config
-        self.delivery = Delivery(config.max_output_bytes, config.dispatchers * max(1, config.max_workers))
+        self.allowed_hosts = AllowedHosts(config.allowed_hosts)
+        self.delivery = Delivery(config.max_output_bytes, config.dispatchers * max(1, config.max_workers),
+                                 config.signing_secrets, self.allowed_hosts)
         self.pools = [gevent.pool.Pool(max(1, config.max_workers)) for _ in range(config.dispatchers)]
         self.loops = []
         self.requests = {}  # job id -> greenlet of its worker request (killed by stop)
@@ -52,6 +57,10 @@ class Dispatchers:
                 after = self._deliver(job)
             try:
                 self.store.finish(job, after)
+                if after.waiting:
+                    self.metrics.retried()
+                else:
+                    self.metrics.finished("success" if after.success else "failure" if after.failure else "canceled")
             except wal.WalError as e:
                 log.error("The outcome of job %d could not be logged (it will run again after a restart): %s", job.id, e)
         finally:
@@ -62,6 +71,7 @@ class Dispatchers:
         """The job's state after one attempt: finished, or waiting for a retry."""
         request = gevent.spawn(self._attempt, job, job.attempts + 1)
         self.requests[job.id] = request
+        started = time.perf_counter()
         try:
             request.join()
         finally:
@@ -69,6 +79,8 @@ class Dispatchers:
         result = request.value
         if isinstance(result, JobStopped):
             return job.finished(canceled=True, err="The job was stopped while it was running")
+        succeeded = not isinstance(result, Exception) and 200 <= result.status < 300
+        self.metrics.attempt("success" if succeeded else "failure", time.perf_counter() - started)
         if isinstance(result, Exception):
             return self._failed(job, err=str(result))
         output = outcome_text(result, self.config.max_output_bytes)

@@ -9,6 +9,7 @@ import contextlib
 import gc
 import logging
 import os
+import time
 
 import gevent
 import gevent.event
@@ -17,12 +18,14 @@ import gevent.queue
 from hq_gevent import retry, wal
 from hq_gevent.ids import IdGenerator, now_ms, timestamp_ms
 from hq_gevent.job import STATUSES, Job
+from hq_gevent.metrics import Metrics
 from hq_gevent.schedule import Schedule
 
 log = logging.getLogger("hq_gevent")
 
 LOG_NAME = "jobs.jsonl"
-SCAN_SLICE = 5000  # jobs examined between yields, so a long list scan does not stall serving
+SCAN_SLICE_SECONDS = 0.02  # a list scan yields this often (SPEC §11: at least every 50 ms)
+SCAN_CHECK_EVERY = 64  # jobs examined between looks at the clock
 
 
 class JobNotFound(Exception):
@@ -35,12 +38,14 @@ class JobConflict(Exception):
 
 
 class Store:
-    def __init__(self, data_dir, config):
+    def __init__(self, data_dir, config, metrics=None):
         self.config = config
+        self.metrics = metrics or Metrics(lambda: {})
+        self.loaded = False
         self.jobs = {}
         self.ids = []  # sorted: ids grow in push order, so this is also creation order
         self.ids_gen = IdGenerator(config.server_id)
-        self.wal = wal.WriteAheadLog(os.path.join(data_dir, LOG_NAME), config.wal_fsync)
+        self.wal = wal.WriteAheadLog(os.path.join(data_dir, LOG_NAME), config.wal_fsync, self.metrics)
         self.live_bytes = 0  # bytes the log would hold if rewritten now
         self.queue = gevent.queue.Queue(maxsize=config.queues)
         self.backlog = collections.deque()  # waiting jobs that did not fit in the queue, in order
@@ -75,6 +80,26 @@ class Store:
                 self._start_when_due(job, now)
         if self.ids:
             self.ids_gen.observe(self.ids[-1])
+        self.loaded = True
+
+    def unready_reason(self):
+        """Why the store cannot take changes now (SPEC §12 /readyz), or None when it can."""
+        if not self.loaded:
+            return "the job log is loading"
+        if self.wal.last_error:
+            return f"the last job log write failed: {self.wal.last_error}"
+        return None
+
+    def gauges(self):
+        """The figures a metrics scrape reads (SPEC §12): job states partition the active jobs."""
+        return {
+            "waiting": self.num_waiting - self.num_scheduled,
+            "scheduled": self.num_scheduled,
+            "running": self.num_running,
+            "stored": len(self.jobs),
+            "queue_usage": self.queue_usage(),
+            "wal_bytes": self.wal.size,
+        }
 
     def _replay(self, rec, size):
         op = rec[0]
@@ -125,6 +150,7 @@ class Store:
             self.num_scheduled += 1
             self.schedule.add(job.id, job.run_at)
         else:
+            job.ready_at = job.run_at or now
             job.run_at = None
             self._enqueue(job)
 
@@ -134,6 +160,7 @@ class Store:
         if job is not None and job.waiting and not job.running and job.run_at == run_at:
             self.num_scheduled -= 1
             job.run_at = None
+            job.ready_at = run_at
             self._enqueue(job)
 
     def _feed_queue(self):
@@ -219,6 +246,7 @@ class Store:
                 self._start_when_due(job, now)
 
         self.wal.append(b"".join(lines), stored)
+        return len(jobs)
 
     def push(self, spec):
         """Store a new job durably and enqueue it: (its view as enqueued, False), or
@@ -255,7 +283,7 @@ class Store:
         for key in claimed:
             self._unique_pending[key] = done
         try:
-            self._log_waiting(fresh)
+            self.metrics.pushed(self._log_waiting(fresh))
         finally:
             for key in claimed:
                 del self._unique_pending[key]
@@ -322,6 +350,7 @@ class Store:
                     self.num_scheduled -= 1
                 job.assume(after)
                 self.num_waiting -= 1
+                self.metrics.finished("canceled")
 
         try:
             self._log_put(job, after.to_record(), canceled)
@@ -338,6 +367,8 @@ class Store:
             return False
         job.waiting, job.running = False, True
         job.started_at = now_ms()
+        if job.ready_at is not None:
+            self.metrics.waited(max(0, job.started_at - job.ready_at) / 1000)
         if not job.attempts:
             job.first_started_at = job.started_at
         self.num_waiting -= 1
@@ -373,6 +404,7 @@ class Store:
         position = self._start_position(begin, reverse)
         step = -1 if reverse else 1
         examined = 0
+        slice_end = time.perf_counter() + SCAN_SLICE_SECONDS
         while 0 <= position < len(self.ids):
             job = self.jobs[self.ids[position]]
             position += step
@@ -381,10 +413,12 @@ class Store:
                 if limit and len(found) >= limit:
                     break
             examined += 1
-            if examined % SCAN_SLICE == 0:
-                last = job.id
-                gevent.sleep(0)  # let others run; the index may change meanwhile
-                position = self._after(last, reverse)
+            # By elapsed time, not by count: a job's match may cost far more than another's.
+            if examined % SCAN_CHECK_EVERY == 0 and time.perf_counter() > slice_end:
+                # > 0: sleep(0) may resume this greenlet before the loop polls for I/O.
+                gevent.sleep(0.001)  # let others run; the index may change meanwhile
+                position = self._after(job.id, reverse)
+                slice_end = time.perf_counter() + SCAN_SLICE_SECONDS
         next_id = self.ids[position] if limit and len(found) >= limit and 0 <= position < len(self.ids) else None
         return found, next_id
 
@@ -456,21 +490,23 @@ class Store:
                 log.error("Removing expired jobs failed, will retry: %s", e)
 
 
-def status_matcher(name_re=None, term_re=None, status=None):
-    """A predicate for list_jobs, or None when nothing filters."""
+def status_matcher(name_filter=None, term_filter=None, status=None):
+    """A predicate for list_jobs, or None when nothing filters. The filters are api.TextFilter
+    (RE2, linear time): `name` searches the name; `term` the name, id, comment, url and status."""
     if status is not None and status not in STATUSES:
         raise ValueError(f"unknown status '{status}'")
-    if not (name_re or term_re or status):
+    if not (name_filter or term_filter or status):
         return None
 
     def match(job):
         if status is not None and job.status != status:
             return False
-        if name_re is not None and not name_re.search(job.name):
+        if name_filter is not None and not name_filter.search(job.name):
             return False
-        if term_re is not None:
-            s = term_re.search
-            if not (s(job.name) or s(str(job.id)) or s(job.comment) or s(job.url) or s(job.status)):
+        if term_filter is not None:
+            s = term_filter.search
+            if not (s(job.name) or s(job.comment) or s(job.url) or s(job.status)
+                    or term_filter.search_unique(str(job.id))):
                 return False
         return True
 

@@ -42,6 +42,7 @@ class WriteAheadLog:
         self.path = path
         self.fsync_policy = fsync
         self.metrics = metrics  # a hq_gevent.metrics.Metrics, or None: times batches, counts failures
+        self.last_error = None  # why the last batch could not be written; None once one is
         self.size = 0  # bytes of whole records on disk; a failed write is cut back to this
         self.fd = None
         self._batch = _Batch()
@@ -146,7 +147,7 @@ class WriteAheadLog:
         except OSError as e:
             if self.metrics is not None:
                 self.metrics.write_failed()
-            batch.error = f"cannot write the job log: {e.strerror or e}"
+            batch.error = self.last_error = f"cannot write the job log: {e.strerror or e}"
             log.error("Writing %s failed: %s", self.path, batch.error)
             self._torn = True
             try:
@@ -157,6 +158,7 @@ class WriteAheadLog:
             if self.metrics is not None:
                 self.metrics.store_write(time.perf_counter() - started)
             self.size += len(data)
+            self.last_error = None
             for callback in batch.callbacks:
                 try:
                     callback()
