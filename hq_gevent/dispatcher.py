@@ -62,7 +62,8 @@ class Dispatchers:
                 else:
                     self.metrics.finished("success" if after.success else "failure" if after.failure else "canceled")
             except wal.WalError as e:
-                log.error("The outcome of job %d could not be logged (it will run again after a restart): %s", job.id, e)
+                log.error("The outcome of job %d could not be logged (it will run again after a restart): %s",
+                          job.id, e, extra={"job_id": job.id})
         finally:
             del self.finished[job.id]
             done.set()
@@ -96,6 +97,8 @@ class Dispatchers:
                                    job.first_started_at, now_ms())
         if wait is None:
             return job.finished(failure=True, status_code=status_code, output=output, err=err)
+        log.debug("Job %d: attempt %d failed (%s); next attempt in %.1fs", job.id, job.attempts + 1, err, wait,
+                  extra={"job_id": job.id})
         return job.retrying(wait, status_code, output, err)
 
     def _attempt(self, job, attempt):
@@ -105,7 +108,7 @@ class Dispatchers:
         except DeliveryError as e:
             return e
         except Exception as e:
-            log.exception("Delivering job %d failed unexpectedly", job.id)
+            log.exception("Delivering job %d failed unexpectedly", job.id, extra={"job_id": job.id})
             return DeliveryError(f"failed to do http request: internal error: {e!r}")
 
     def stop(self, job_id):
