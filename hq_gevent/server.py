@@ -29,6 +29,7 @@ from hq_gevent import auth  # noqa: E402
 from hq_gevent import config as config_module  # noqa: E402
 from hq_gevent.api import make_app  # noqa: E402
 from hq_gevent.dispatcher import Dispatchers  # noqa: E402
+from hq_gevent.metrics import Metrics  # noqa: E402
 from hq_gevent.store import Store  # noqa: E402
 from hq_gevent.wal import WalCorrupt  # noqa: E402
 
@@ -79,7 +80,7 @@ class JsonLogFormatter(LogFormatter):
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
         # The json module (not ujson): it escapes a lone surrogate instead of failing on it.
-        return json.dumps(entry)
+        return json.dumps(entry, separators=(",", ":"))
 
 
 class LogFile:
@@ -560,7 +561,8 @@ def run(config, server_log, access_log):
     gevent.get_hub().print_exception = _log_greenlet_error
     data_dir, lock, temporary = open_data_dir(config)
     try:
-        store = Store(data_dir, config)
+        metrics = Metrics(lambda: dict(store.gauges(), workers_busy=dispatchers.in_flight))
+        store = Store(data_dir, config, metrics)
         started = time.monotonic()
         try:
             store.load()
@@ -571,6 +573,7 @@ def run(config, server_log, access_log):
         store.open(gevent.get_hub().threadpool)
         dispatchers = Dispatchers(store, config)
         dispatchers.start()
+        metrics.start()
         app = make_app(store, dispatchers, config)
         app = access.wrap(read_body_first(app, config.max_body_bytes))
         try:
