@@ -376,7 +376,7 @@ def run_push(args, parser):
         jobs = read_jobs(args.files)
     if args.unique_key is not None and len(jobs) > 1:
         parser.error("--unique-key names one job; give each job of several its own uniqueKey")
-    from hq_gevent.client import BatchError, with_policy
+    from hq_gevent.client import BATCH_SIZE, BatchError, with_policy
 
     retry = {key: value for key, value in (("maxAttempts", args.retry), ("minBackoff", args.min_backoff),
                                            ("maxBackoff", args.max_backoff)) if value is not None}
@@ -390,18 +390,19 @@ def run_push(args, parser):
             print(f"note: {job['id']} is the job already pushed with uniqueKey {job.get('uniqueKey')!r}; "
                   "nothing new was stored", file=sys.stderr)
         return 0
-    try:
-        pushed = client.push_many([job for _, job in jobs])
-    except BatchError as e:
-        for job in e.pushed:
+    # One batch a call, its ids printed before the next is sent: whatever stops the push later
+    # (a refused job, a lost connection), the ids of the jobs stored are on stdout.
+    for start in range(0, len(jobs), BATCH_SIZE):
+        try:
+            pushed = client.push_many([job for _, job in jobs[start:start + BATCH_SIZE]])
+        except BatchError as e:
+            where = f"{jobs[start + e.index][0]}: " if e.index is not None and start + e.index < len(jobs) else ""
+            warn(where + e.reason)
+            warn(f"{start} of {len(jobs)} jobs were pushed (the ids above), the rest were not"
+                 if start else "nothing was pushed")
+            return 1
+        for job in pushed:
             out(job["id"])
-        where = f"{jobs[e.index][0]}: " if e.index is not None and e.index < len(jobs) else ""
-        warn(where + e.reason)
-        warn(f"{len(e.pushed)} of {len(jobs)} jobs were pushed (the ids above), the rest were not"
-             if e.pushed else "nothing was pushed")
-        return 1
-    for job in pushed:
-        out(job["id"])
     return 0
 
 

@@ -523,6 +523,7 @@ def test_wait_keeps_waiting_while_a_job_waits_for_a_retry(server, worker):
     (job_id,) = lines(ok("push", "--url", worker.url, "--retry", "3", "--min-backoff", "2", "--max-backoff", "2",
                          "-a", server.url))
     env = {k: v for k, v in os.environ.items() if k not in CLIENT_ENV}
+    env["HQ_TOKEN_FILE"] = str(ROOT / "no-such-token-file")
     proc = subprocess.Popen([sys.executable, "-m", "hq_gevent", "wait", job_id, "--timeout", "60", "-a", server.url],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
     try:
