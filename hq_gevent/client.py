@@ -161,6 +161,9 @@ class Client:
         self.session.headers["User-Agent"] = f"hq-gevent-client/{__version__}"
         token = (os.environ.get("HQ_TOKEN", "") if token is None else token).strip()
         if token:
+            # Checked here so that requests' own header error, which quotes the value, never shows it.
+            if not re.fullmatch(r"[\x21-\x7e]+", token):
+                raise ValueError("the token must be printable ASCII without spaces")
             self.session.headers["Authorization"] = f"Bearer {token}"
         cacert = os.environ.get("HQ_CACERT", "") if cacert is None else cacert
         if cacert and not os.path.isfile(cacert):

@@ -605,6 +605,8 @@ def test_token_from_flag_env_or_token_file(make_server, worker, tmp_path):
     assert lines(ok("list", "-q", "-a", address, env={"HQ_TOKEN_FILE": str(token_file)})) == [one, *two]
     p = hq("stats", "-a", address, env={"HQ_TOKEN_FILE": str(token_file), "HQ_TOKEN": "wrong-token-0123456789"})
     assert p.stderr == "error: Unauthorized (the server refused the token from $HQ_TOKEN)\n"  # $HQ_TOKEN comes first
+    p = hq("stats", "--token", "a secret with spaces", "-a", address)
+    assert (p.returncode, p.stderr) == (1, "error: the token must be printable ASCII without spaces\n")
     token_file.write_text("# no token yet\n")
     p = hq("stats", "-a", address, env={"HQ_TOKEN_FILE": str(token_file)})
     assert p.stderr == "error: Unauthorized (give a token with --token or $HQ_TOKEN)\n"

@@ -274,6 +274,10 @@ def test_token_from_argument_or_environment(make_server, worker, monkeypatch):
     assert (e.value.status, e.value.error) == (403, "Forbidden")
     with pytest.raises(HQAuthError):
         Client(address, token="").stats()  # "" ignores $HQ_TOKEN
+    for bad in ("two words-0123456789", "line\nbreak-0123456789", "caf\u00e9-0123456789"):
+        with pytest.raises(ValueError) as e:
+            Client(address, token=bad)
+        assert bad not in str(e.value) and "printable ASCII" in str(e.value)
 
 
 def test_cacert_from_argument_or_environment(make_server, tls_cert, monkeypatch, tmp_path):
