@@ -476,6 +476,8 @@ def test_push_of_1500_jobs_from_stdin_takes_two_batches(make_server, worker, tmp
     listed = json.loads(ok("list", "--json", "--all", "-a", server.url))["jobs"]
     assert [(j["id"], j["name"]) for j in listed] == [(i, f"n{n}") for n, i in enumerate(ids)]
     assert wait_logged(access, "POST", "/jobs", 2) == 2 and logged(access, "POST", "/job") == 0
+    assert ok("push", "-", "-a", server.url, stdin="[]") == ""  # no jobs, no request
+    assert logged(access, "POST", "/jobs") == 2
 
     # A bad job in the second batch: the first batch is stored and printed, none of the second.
     jobs[1203] = {"name": "no url"}
