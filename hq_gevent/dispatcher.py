@@ -3,14 +3,13 @@ import logging
 import time
 
 import gevent
-import gevent.event
 import gevent.pool
 
-from hq_gevent import retry, wal
+from hq_gevent import retry
 from hq_gevent.delivery import Delivery, DeliveryError, outcome_text, reason_phrase
 from hq_gevent.hosts import AllowedHosts
 from hq_gevent.ids import now_ms
-from hq_gevent.store import JobConflict
+from hq_gevent.storage import StoreUnavailable
 
 log = logging.getLogger("hq_gevent")
 
@@ -30,7 +29,7 @@ class Dispatchers:
         self.pools = [gevent.pool.Pool(max(1, config.max_workers)) for _ in range(config.dispatchers)]
         self.loops = []
         self.requests = {}  # job id -> greenlet of its worker request (killed by stop)
-        self.finished = {}  # job id -> Event set when its outcome is recorded
+        store.on_abort = self.abort
 
     @property
     def in_flight(self):
@@ -40,33 +39,25 @@ class Dispatchers:
         self.loops = [gevent.spawn(self._consume, pool) for pool in self.pools]
 
     def _consume(self, pool):
-        queue, store = self.store.queue, self.store
         while True:
             pool.wait_available()
-            job = queue.get()
-            if store.take(job):
-                self.finished[job.id] = gevent.event.Event()
-                pool.spawn(self._run, job)
+            pool.spawn(self._run, self.store.claim())
 
     def _run(self, job):
-        done = self.finished[job.id]
+        if job.canceled:  # stopped between being claimed and starting
+            after = job.finished(canceled=True, attempted=False, err="The job was stopped before it started")
+        else:
+            after = self._deliver(job)
         try:
-            if job.canceled:  # stopped between being taken and starting
-                after = job.finished(canceled=True, attempted=False, err="The job was stopped before it started")
-            else:
-                after = self._deliver(job)
-            try:
-                self.store.finish(job, after)
-                if after.waiting:
-                    self.metrics.retried()
-                else:
-                    self.metrics.finished("success" if after.success else "failure" if after.failure else "canceled")
-            except wal.WalError as e:
-                log.error("The outcome of job %d could not be logged (it will run again after a restart): %s",
-                          job.id, e, extra={"job_id": job.id})
-        finally:
-            del self.finished[job.id]
-            done.set()
+            self.store.finish(job, after)
+        except StoreUnavailable as e:
+            log.error("The outcome of job %d could not be recorded (it will run again): %s",
+                      job.id, e, extra={"job_id": job.id})
+            return
+        if after.waiting:
+            self.metrics.retried()
+        else:
+            self.metrics.finished("success" if after.success else "failure" if after.failure else "canceled")
 
     def _deliver(self, job):
         """The job's state after one attempt: finished, or waiting for a retry."""
@@ -111,22 +102,11 @@ class Dispatchers:
             log.exception("Delivering job %d failed unexpectedly", job.id, extra={"job_id": job.id})
             return DeliveryError(f"failed to do http request: internal error: {e!r}")
 
-    def stop(self, job_id):
-        """Cancel a waiting job, or abort a running one; returns once its outcome is recorded."""
-        with self.store.exclusive(job_id):
-            job = self.store.get(job_id)
-            if job.running:
-                job.canceled = True
-                request = self.requests.get(job.id)
-                if request is not None:
-                    request.kill(JobStopped, block=False)
-                done = self.finished.get(job.id)
-                if done is not None:
-                    done.wait(timeout=10)
-            elif job.waiting:
-                self.store.cancel_waiting(job)
-            else:
-                raise JobConflict(f"The job {job.id} is not active")
+    def abort(self, job_id):
+        """Kill the worker request of a job running here (the store asks, for a stop)."""
+        request = self.requests.get(job_id)
+        if request is not None:
+            request.kill(JobStopped, block=False)
 
     def shutdown(self, timeout):
         """Take no more jobs; give running ones `timeout` seconds, then abandon them unrecorded

@@ -37,6 +37,7 @@ class Job:
         # earliest start of the next attempt (ms or None), dedup key, failed attempts as tuples
         # (attempt, started_at, finished_at, status_code, err) or None, start of the first attempt.
         "retry", "attempts", "run_at", "unique_key", "history", "first_started_at",
+        "ready_at",  # when it last became free to start (ms, memory only): for the wait metric
     )
     default_retry = (1, 1.0, 3600.0, 0.0)  # the server's default policy; Store sets it from the config
 
@@ -66,6 +67,7 @@ class Job:
         self.history = None
         self.run_at = None
         self.first_started_at = None
+        self.ready_at = None
 
     def copy(self, new_id, unique_key=None):
         """A fresh waiting job with this one's request and policy (restart)."""
@@ -169,12 +171,18 @@ class Job:
             # As it stood before this attempt started: the last failed attempt, or nothing.
             started, finished = (self.history[-1][1], self.history[-1][2]) if self.history else (None, None)
         flags = (SUCCESS if self.success else 0) | (FAILURE if self.failure else 0) | (CANCELED if self.canceled else 0)
-        return [
+        waiting = 1 if self.waiting or self.running else 0
+        record = [
             "p", self.id, self.name, self.comment, self.url, self.payload, self.headers, self.timeout,
-            1 if self.waiting or self.running else 0, started, finished, flags, self.status_code, self.output, self.err,
-            [list(self.retry), self.attempts, self.run_at, self.unique_key,
-             [list(h) for h in self.history] if self.history else None, self.first_started_at],
+            waiting, started, finished, flags, self.status_code, self.output, self.err,
         ]
+        # Most jobs use no delivery-policy feature: their record stays in the 15-field form, which
+        # loads back to the same values (see load_record) and keeps the log as small as before.
+        if (self.retry != self.default_retry or self.run_at is not None or self.unique_key is not None
+                or self.history or self.attempts != _implied_attempts(waiting, finished, self.canceled)):
+            record.append([list(self.retry), self.attempts, self.run_at, self.unique_key,
+                           [list(h) for h in self.history] if self.history else None, self.first_started_at])
+        return record
 
     @classmethod
     def from_record(cls, rec):
@@ -192,22 +200,27 @@ class Job:
         self.id = job_id
         # Names and urls repeat across many jobs: one shared string each saves memory.
         self.name, self.url = sys.intern(name), sys.intern(url)
-        self.waiting, self.running = waiting == 1, False
+        self.waiting, self.running, self.ready_at = waiting == 1, False, None
         self.success, self.failure, self.canceled = bool(flags & SUCCESS), bool(flags & FAILURE), bool(flags & CANCELED)
         if len(rec) > 15:
             policy, self.attempts, self.run_at, self.unique_key, history, self.first_started_at = rec[15]
             self.retry = retry.shared(tuple(policy))
             self.history = tuple(tuple(h) for h in history) if history else None
-        else:  # a record of the previous version: never attempted under a policy
+        else:  # no policy field in use (or a record of 0.1): the server's defaults
             self.retry = self.default_retry
-            self.attempts, self.run_at, self.unique_key, self.history, self.first_started_at = 0, None, None, None, None
-            if not self.waiting and self.finished_at is not None and not self.canceled:
-                self.attempts = 1
+            self.run_at = self.unique_key = self.history = self.first_started_at = None
+            self.attempts = _implied_attempts(waiting, self.finished_at, self.canceled)
+
+
+def _implied_attempts(waiting, finished_at, canceled):
+    """Attempts of a job whose record has no policy fields: one if it finished other than by a stop."""
+    return 1 if not waiting and finished_at is not None and not canceled else 0
 
 
 # --- validation of a pushed job --------------------------------------------------------
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_BAD_VALUE = re.compile(r"[\r\n\x00]")
+# Used with fullmatch(): `$` would also match before a trailing newline ("X-A\n").
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*")  # no control character but HTAB (RFC 9110)
 _BAD_URL_CHAR = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
@@ -238,10 +251,10 @@ def validate_headers(headers):
     if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
         raise InvalidJob(400, "'headers' must be an object of string values")
     for name, value in headers.items():
-        if not _TOKEN.match(name):
+        if not _TOKEN.fullmatch(name):
             raise InvalidJob(422, f"invalid header name {name!r}")
-        if _BAD_VALUE.search(value):
-            raise InvalidJob(422, f"header {name!r} has a CR, LF or NUL in its value")
+        if not _FIELD_VALUE.fullmatch(value):
+            raise InvalidJob(422, f"header {name!r} has a control character (CR, LF, NUL, ...) in its value")
     return headers
 
 
@@ -280,9 +293,13 @@ class JobSpec:
         self.headers, self.timeout, self.retry, self.run_at, self.unique_key = headers, timeout, retry, run_at, unique_key
 
 
-def spec_from_request(body, default_retry):
-    """A JobSpec from a decoded POST /job body (also one element of POST /jobs)."""
+def spec_from_request(body, default_retry, allowed_hosts=None):
+    """A JobSpec from a decoded POST /job body (also one element of POST /jobs); `allowed_hosts`
+    (hosts.AllowedHosts) refuses a url whose host the server may not send to (SPEC §11)."""
     fields = fields_from_request(body)
+    refusal = allowed_hosts.push_refusal(fields[2]) if allowed_hosts else None
+    if refusal:
+        raise InvalidJob(422, refusal)
     try:
         policy = retry.from_request(body.get("retry"), default_retry)
         run_at = schedule.run_at_from_request(body, now_ms())

@@ -16,25 +16,17 @@ import gevent.event
 import gevent.queue
 
 from hq_gevent import retry, wal
-from hq_gevent.ids import IdGenerator, now_ms, timestamp_ms
+from hq_gevent.ids import EPOCH_MS, SEQUENCE_BITS, SERVER_ID_BITS, IdGenerator, now_ms, timestamp_ms
 from hq_gevent.job import STATUSES, Job
 from hq_gevent.metrics import Metrics
 from hq_gevent.schedule import Schedule
+from hq_gevent.storage import JobConflict, JobNotFound
 
 log = logging.getLogger("hq_gevent")
 
 LOG_NAME = "jobs.jsonl"
 SCAN_SLICE_SECONDS = 0.02  # a list scan yields this often (SPEC §11: at least every 50 ms)
 SCAN_CHECK_EVERY = 64  # jobs examined between looks at the clock
-
-
-class JobNotFound(Exception):
-    def __init__(self, job_id):
-        super().__init__(f"The job '{job_id}' is not found")
-
-
-class JobConflict(Exception):
-    """The job's state forbids the change (running, waiting, not active)."""
 
 
 class Store:
@@ -57,6 +49,8 @@ class Store:
         self.unique = {}  # uniqueKey -> the newest stored job that holds it
         self._unique_pending = {}  # uniqueKey -> Event set when the push that claimed it is done
         self._busy = {}  # job id -> Event: one API change at a time per job
+        self._running = {}  # job id -> Event set when the outcome of its attempt is recorded
+        self.on_abort = lambda job_id: None  # the dispatchers' hook to abort a running request
         self._greenlets = []
         self.default_retry = Job.default_retry = retry.from_config(config)
 
@@ -89,6 +83,24 @@ class Store:
         if self.wal.last_error:
             return f"the last job log write failed: {self.wal.last_error}"
         return None
+
+    def stats(self):
+        """The GET /stats figures the store knows (SPEC §5, §10.5)."""
+        return {
+            "queueUsage": self.queue_usage(),
+            "numWaitingJobs": self.num_waiting,
+            "numRunningJobs": self.num_running,
+            "numJobs": len(self.jobs),
+            "numScheduledJobs": self.num_scheduled,
+            "numJobsInLastMinute": self.jobs_created_since(now_ms() - 60000),
+            "numBackloggedJobs": len(self.backlog),
+            "walBytes": self.wal.size,
+        }
+
+    def jobs_created_since(self, ms):
+        """Stored jobs created after `ms`: ids encode their creation time and are kept sorted."""
+        first = max(0, ms - EPOCH_MS) << (SERVER_ID_BITS + SEQUENCE_BITS)
+        return len(self.ids) - bisect.bisect_left(self.ids, first)
 
     def gauges(self):
         """The figures a metrics scrape reads (SPEC §12): job states partition the active jobs."""
@@ -336,6 +348,21 @@ class Store:
         if job.waiting:
             raise JobConflict(f"The job {job.id} is waiting now")
 
+    def stop(self, job_id):
+        """Cancel a waiting job, or abort a running one; returns once its outcome is recorded."""
+        with self.exclusive(job_id):
+            job = self.get(job_id)
+            if job.running:
+                job.canceled = True
+                self.on_abort(job.id)
+                done = self._running.get(job.id)
+                if done is not None:
+                    done.wait(timeout=10)
+            elif job.waiting:
+                self.cancel_waiting(job)
+            else:
+                raise JobConflict(f"The job {job.id} is not active")
+
     def cancel_waiting(self, job):
         """Stop a job that has not started (or waits for a retry): it is never sent (again)."""
         was_scheduled = job.run_at is not None
@@ -361,6 +388,13 @@ class Store:
             raise
 
     # --- the dispatcher's side ----------------------------------------------------------
+    def claim(self):
+        """The next job to send now, in queue order; it is running from here on."""
+        while True:
+            job = self.queue.get()
+            if self.take(job):
+                return job
+
     def take(self, job):
         """A dispatcher took `job` from the queue: True if it is to be sent now."""
         if not job.waiting or job.running or job.canceled or self.jobs.get(job.id) is not job:
@@ -373,6 +407,7 @@ class Store:
             job.first_started_at = job.started_at
         self.num_waiting -= 1
         self.num_running += 1
+        self._running[job.id] = gevent.event.Event()
         return True
 
     def finish(self, job, after):
@@ -394,6 +429,7 @@ class Store:
             raise
         finally:
             self.num_running -= 1
+            self._running.pop(job.id).set()
 
     # --- queries ------------------------------------------------------------------------
     def list_jobs(self, begin=None, reverse=False, limit=0, match=None):

@@ -13,13 +13,15 @@ import gevent.event
 import gevent.lock
 import ujson
 
+from hq_gevent.storage import StoreUnavailable
+
 log = logging.getLogger("hq_gevent")
 
 READ_CHUNK = 8 << 20
 TEST_PAUSE_ENV = "HQ_GEVENT_TEST_COMPACT_PAUSE"
 
 
-class WalError(Exception):
+class WalError(StoreUnavailable):
     """A log write failed (disk full, I/O error): the change it carried did not happen."""
 
 
