@@ -173,3 +173,32 @@ def test_oversized_body_is_413_and_not_read(make_server):
                                + b"%x\r\n%s\r\n0\r\n\r\n" % (len(big), big) + SMUGGLED)
     assert received.startswith(b"HTTP/1.1 413 ") and received.count(b"HTTP/1.1 ") == 1, received
     assert_no_job_and_clean_log(srv)
+
+
+@pytest.mark.slow
+def test_body_of_one_byte_chunks_does_not_stall_other_requests(srv, worker):
+    """~3 us of parsing per chunk: 400k one-byte chunks must be read with yields, not in one go."""
+    import threading
+
+    job = json.dumps({"url": worker.url + "/tiny", "comment": "x" * 400_000}).encode()
+    body = b"".join(b"1\r\n%c\r\n" % byte for byte in job) + b"0\r\n\r\n"
+    request = push_head(b"Transfer-Encoding: chunked", b"Connection: close") + body
+    result = {}
+
+    def upload():
+        result["answer"] = exchange(srv.port, request, timeout=60)
+
+    sender = threading.Thread(target=upload)
+    sender.start()
+    slowest = 0.0
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as probe:
+        while sender.is_alive():
+            started = time.monotonic()
+            probe.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert probe.recv(65536).startswith(b"HTTP/1.1 200")
+            slowest = max(slowest, time.monotonic() - started)
+            time.sleep(0.01)
+    sender.join()
+    received, _ = result["answer"]
+    assert received.startswith(b"HTTP/1.1 200 "), received[:300]
+    assert slowest < 0.5, f"GET / took {slowest:.2f}s while a chunked body was parsed"
