@@ -13,6 +13,7 @@ command -v wrk >/dev/null || need+=(wrk)
 command -v cpio >/dev/null || need+=(cpio)
 command -v systemd-nspawn >/dev/null || need+=(systemd-container)
 command -v logrotate >/dev/null || need+=(logrotate)
+command -v openssl >/dev/null || need+=(openssl)
 command -v promtool >/dev/null || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive

@@ -59,7 +59,8 @@ class HQServer:
 
     @property
     def url(self):
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.config.get("tls_cert_file") else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     address = url
 
@@ -92,7 +93,8 @@ class HQServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if requests.get(self.url + "/", timeout=1).status_code == 200:
+                # /healthz is open with tokens configured; a TLS server is probed without verification.
+                if requests.get(self.url + "/healthz", timeout=1, verify=False).status_code == 200:
                     return
             except requests.RequestException:
                 pass
