@@ -20,16 +20,17 @@ FORBIDDEN = b'{"status":403,"error":"Forbidden"}'
 
 
 def wait_up(srv, timeout=20):
-    """HQServer.wait_ready wants a 200 from GET /; with tokens on it is a 401 until one is given."""
+    """Until GET /readyz (open with tokens on) says the jobs are loaded."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if srv.proc.poll() is not None:
             raise RuntimeError(f"server exited with {srv.proc.returncode}:\n{srv.log()}")
         try:
-            requests.get(srv.url + "/", timeout=1)
-            return srv
+            if requests.get(srv.url + "/readyz", timeout=1).status_code == 200:
+                return srv
         except requests.RequestException:
-            time.sleep(0.05)
+            pass
+        time.sleep(0.05)
     raise RuntimeError(f"server not up in {timeout}s:\n{srv.log()}")
 
 
@@ -112,16 +113,16 @@ def test_open_routes(start):
     # ...but not its API, however the path is spelled.
     for path in ("/ui/internal/job", "/ui/internal/stats", "/ui/internal/", "/ui/%69nternal/job"):
         assert requests.get(srv.url + path, timeout=10).status_code == 401, path
-    # Health checks are open (whether or not this build has them yet); /metrics is not by default.
+    # Health checks are open; /metrics is not by default.
     for path in ("/healthz", "/readyz"):
-        assert requests.get(srv.url + path, timeout=10).status_code != 401, path
+        assert requests.get(srv.url + path, timeout=10).status_code == 200, path
         assert requests.post(srv.url + path, timeout=10).status_code == 401, path
     assert requests.get(srv.url + "/metrics", timeout=10).status_code == 401
 
 
 def test_metrics_public_opens_only_metrics(start):
     srv = start(auth_tokens=[FULL], metrics_public=True)
-    assert requests.get(srv.url + "/metrics", timeout=10).status_code != 401
+    assert requests.get(srv.url + "/metrics", timeout=10).status_code == 200
     assert requests.get(srv.url + "/stats", timeout=10).status_code == 401
 
 

@@ -34,11 +34,12 @@ def tls_server(make_server, certificate):
         while True:
             assert srv.proc.poll() is None, srv.log()
             try:
-                requests.get(srv.https + "/", verify=str(cert), timeout=1)
-                return srv
+                if requests.get(srv.https + "/readyz", verify=str(cert), timeout=1).status_code == 200:
+                    return srv
             except requests.ConnectionError:
-                assert time.monotonic() < deadline, srv.log()
-                time.sleep(0.05)
+                pass
+            assert time.monotonic() < deadline, srv.log()
+            time.sleep(0.05)
     return start
 
 
