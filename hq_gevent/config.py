@@ -14,7 +14,8 @@ class ConfigError(Exception):
 LOG_LEVELS = ("debug", "info", "warn", "error")
 WAL_FSYNC = ("always", "everysec", "no")
 LOG_FORMATS = ("text", "json")
-SECRET_KEYS = ("auth_tokens", "auth_read_tokens", "signing_secrets")  # never echoed in an error
+STORES = ("wal", "postgresql")
+SECRET_KEYS = ("auth_tokens", "auth_read_tokens", "signing_secrets", "postgresql_dsn")  # never echoed in an error
 
 
 @dataclass
@@ -60,6 +61,10 @@ class Config:
     # Observability (SPEC §12).
     metrics_public: bool = False
     log_format: str = "text"
+    # Stores (SPEC §13): the embedded write-ahead log, or PostgreSQL shared by several servers.
+    store: str = "wal"
+    postgresql_dsn: str | None = None
+    lease_seconds: int = 30
 
     @property
     def host_port(self):
@@ -97,6 +102,8 @@ _RANGES = {
     "keepalive_timeout": (lambda v: v > 0, "a number of seconds > 0"),
     "max_connections": (lambda v: v >= 1, "an integer >= 1"),
     "log_format": (lambda v: v in LOG_FORMATS, "one of " + ", ".join(LOG_FORMATS)),
+    "store": (lambda v: v in STORES, "one of " + ", ".join(STORES)),
+    "lease_seconds": (lambda v: 5 <= v <= 3600, "an integer from 5 to 3600"),
 }
 
 
@@ -160,4 +167,9 @@ def load(path=None, log_level=None):
             raise ConfigError(f"invalid TOML in {path}: {e}") from None
     if log_level:
         values["log_level"] = log_level.lower()
-    return from_dict(values)
+    config = from_dict(values)
+    if os.environ.get("HQ_POSTGRESQL_DSN"):
+        config.postgresql_dsn = os.environ["HQ_POSTGRESQL_DSN"]
+    if config.store == "postgresql" and not config.postgresql_dsn:
+        raise ConfigError("config key 'postgresql_dsn' (or $HQ_POSTGRESQL_DSN) is required with store = \"postgresql\"")
+    return config

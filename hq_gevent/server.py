@@ -30,7 +30,7 @@ from hq_gevent import config as config_module  # noqa: E402
 from hq_gevent.api import make_app  # noqa: E402
 from hq_gevent.dispatcher import Dispatchers  # noqa: E402
 from hq_gevent.metrics import Metrics  # noqa: E402
-from hq_gevent.store import Store  # noqa: E402
+from hq_gevent.storage import StoreUnavailable, open_store  # noqa: E402
 from hq_gevent.wal import WalCorrupt  # noqa: E402
 
 log = logging.getLogger("hq_gevent")
@@ -580,23 +580,14 @@ def run(config, server_log, access_log):
         raise Fatal(str(e)) from None
     ssl_context = tls_context(config)
     gevent.get_hub().print_exception = _log_greenlet_error
-    data_dir, lock, temporary = open_data_dir(config)
+    wal_store = config.store == "wal"
+    data_dir, lock, temporary = open_data_dir(config) if wal_store else (None, None, False)
     try:
         metrics = Metrics(lambda: dict(store.gauges(), workers_busy=dispatchers.in_flight))
-        store = Store(data_dir, config, metrics)
-        started = time.monotonic()
-        try:
-            store.load()
-        except WalCorrupt as e:
-            raise Fatal(str(e)) from None
-        log.info("Opened data directory: %s (%d jobs, %d waiting, loaded in %.2fs)",
-                 data_dir, len(store.jobs), store.num_waiting, time.monotonic() - started)
-        store.open(gevent.get_hub().threadpool)
+        store = open_store(config, data_dir, metrics)
         dispatchers = Dispatchers(store, config)
-        dispatchers.start()
-        metrics.start()
         app = make_app(store, dispatchers, config)
-        app = access.wrap(read_body_first(app, config.max_body_bytes))
+        app = access.wrap(read_body_first(until_loaded(app, store), config.max_body_bytes))
         try:
             server = Server(config, app, access_log, ssl_context)
             server.init_socket()
@@ -604,10 +595,22 @@ def run(config, server_log, access_log):
             raise Fatal(f"cannot listen on {config.addr}: {e.strerror or e}") from None
         stopping = gevent.event.Event()
         _install_signals(stopping, server_log, access_log)
+        # Listening while the jobs load lets /readyz say so (503) to a load balancer.
         server.start()
         if ssl_context:
             log.info("TLS on: HTTPS only, certificate %s", config.tls_cert_file)
         log.info("The server Listening on %s (pid: %d)", config.addr, os.getpid())
+        started = time.monotonic()
+        try:
+            store.load()
+        except (WalCorrupt, StoreUnavailable) as e:
+            raise Fatal(str(e)) from None
+        if wal_store:
+            log.info("Opened data directory: %s (%d jobs, %d waiting, loaded in %.2fs)",
+                     data_dir, len(store.jobs), store.num_waiting, time.monotonic() - started)
+        store.open(gevent.get_hub().threadpool)
+        dispatchers.start()
+        metrics.start()
         stopping.wait()
         log.info("Shutting down (waiting up to %ds for running jobs)", config.shutdown_timeout)
         server.close()  # stop accepting; connections already open are finished below
@@ -617,9 +620,26 @@ def run(config, server_log, access_log):
         log.info("Stopped")
         return 0
     finally:
-        lock.close()
+        if lock is not None:
+            lock.close()
         if temporary:
             shutil.rmtree(data_dir, ignore_errors=True)
+
+
+OPEN_WHILE_LOADING = ("/healthz", "/readyz")
+
+
+def until_loaded(app, store):
+    """WSGI middleware: 503 for every request but the health checks until the jobs are loaded."""
+    def gate(environ, start_response):
+        if store.loaded or environ.get("PATH_INFO") in OPEN_WHILE_LOADING:
+            return app(environ, start_response)
+        body = b'{"status":503,"error":"the server is loading its jobs"}'
+        start_response("503 Service Unavailable", [("Content-Type", "application/json; charset=UTF-8"),
+                                                   ("Content-Length", str(len(body)))])
+        return [body]
+
+    return gate
 
 
 def _log_greenlet_error(context, t, v, tb):

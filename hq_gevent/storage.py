@@ -4,7 +4,8 @@ Two stores implement it: `store.Store` (the embedded write-ahead log, SPEC §9) 
 `pgstore.PostgresStore` (several servers on one PostgreSQL database, SPEC §13). Nothing
 above this interface knows which one runs.
 
-    load()                      read the stored state (replay / connect, migrate, register)
+    load()                      read the stored state (replay / connect, migrate, register);
+                                `loaded` is True from then on (requests before it get a 503)
     open(threadpool) / close()  start and stop background work
     unready_reason() -> str|None  why changes cannot be taken now (GET /readyz)
     push(spec) -> (view, duplicate)          spec: job.JobSpec; view: the job as a dict

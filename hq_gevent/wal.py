@@ -96,6 +96,7 @@ class WriteAheadLog:
                                      "Move the file aside or repair that line.") from None
             lines_done += len(lines)
             offset += len(data) - len(tail)
+            gevent.sleep(0.001)  # the server already listens: poll for its requests (/readyz) between chunks
 
     # --- appending -----------------------------------------------------------------
     def open(self, threadpool):

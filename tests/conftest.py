@@ -93,8 +93,9 @@ class HQServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                # /healthz is open with tokens configured; a TLS server is probed without verification.
-                if requests.get(self.url + "/healthz", timeout=1, verify=False).status_code == 200:
+                # /readyz is open with tokens configured (and 200 once the jobs are loaded);
+                # a TLS server is probed without verification.
+                if requests.get(self.url + "/readyz", timeout=1, verify=False).status_code == 200:
                     return
             except requests.RequestException:
                 pass
