@@ -728,23 +728,35 @@ def test_read_only_token_can_look_but_not_act_and_a_revoked_token_asks_again(mak
 
 # --- live charts (SPEC §12) ----------------------------------------------------------------------
 
-# Pixels of the chart canvases by dominant hue (uPlot's colours for the series; axes and grid are grey).
-COUNT_COLOURS = """sel => {
+# Pixels of a chart canvas by the nearest of the UI's series colours (strokes and fills, as in app.js);
+# axes, grid, text and anti-aliased edges are "other".
+PALETTE = {
+    "success": ["#2b8a3e", "#b2dfbb"], "failure": ["#c92a2a", "#f5b5b0"], "canceled": ["#5f6670", "#d3d7dc"],
+    "waiting": ["#1f5fbf"], "scheduled": ["#9c36b5"], "running": ["#0c8599"],
+}
+COUNT_COLOURS = """([sel, palette]) => {
   const c = document.querySelector(sel + ' canvas');
   if (!c || !c.width) return null;
+  const rgb = h => [1, 3, 5].map(i => parseInt(h.slice(i, i + 2), 16));
+  const refs = Object.entries(palette).flatMap(([k, hs]) => hs.map(h => [k, rgb(h)]));
   const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-  const n = {green: 0, red: 0, blue: 0, violet: 0, other: 0};
+  const n = {other: 0};
+  for (const k in palette) n[k] = 0;
   for (let i = 0; i < d.length; i += 4) {
-    const [r, g, b, a] = [d[i], d[i + 1], d[i + 2], d[i + 3]];
-    if (a < 128) continue;
-    if (g > r + 35 && g > b + 20) n.green++;
-    else if (r > g + 55 && r > b + 55) n.red++;
-    else if (r > g + 40 && b > g + 40) n.violet++;
-    else if (b > r + 60) n.blue++;
-    else n.other++;
+    if (d[i + 3] < 200) continue;
+    let best = 'other', dist = 24 * 24 * 3;
+    for (const [k, [r, g, b]] of refs) {
+      const e = (d[i] - r) ** 2 + (d[i + 1] - g) ** 2 + (d[i + 2] - b) ** 2;
+      if (e < dist) { dist = e; best = k; }
+    }
+    n[best]++;
   }
   return n;
 }"""
+
+
+def colours(page, sel):
+    return page.evaluate(COUNT_COLOURS, [sel, PALETTE])
 
 
 def chart_totals(page):
@@ -753,7 +765,8 @@ def chart_totals(page):
       const d = window.HQ_CHARTS.finished.data, g = window.HQ_CHARTS.gauges.data;
       const diff = (a, b) => a.map((v, i) => v - b[i]);
       const last = a => a[a.length - 1];
-      return {success: sum(d[1]), failure: sum(diff(d[2], d[1])), canceled: sum(diff(d[3], d[2])),
+      // The finished chart's series are running sums, top of the stack first: all, success+failure, success.
+      return {success: sum(d[3]), failure: sum(diff(d[2], d[3])), canceled: sum(diff(d[1], d[2])),
               points: d[0].length, step: d[0][1] - d[0][0], end: last(d[0]), serverEnd: window.HQ_CHARTS.history.end,
               waiting: last(g[1]), scheduled: last(g[2]), running: last(g[3])};
     }""")
@@ -777,10 +790,10 @@ def test_charts_draw_and_match_the_servers_counters(make_server, worker, ui):
     worker.hold()
     held = srv.push(url=worker.url + "/w", name="held")
     srv.wait_job(held["id"], statuses=("running",))
-    queued = srv.push(url=worker.url + "/w", name="queued")
     stopped = srv.push(url=worker.url + "/w", name="stopped")
     assert srv.api("POST", f"/job/{stopped['id']}/stop")[0] == 200
-    later = srv.push(url=worker.url + "/w", name="later", delay=300)
+    queued = [srv.push(url=worker.url + "/w", name=f"queued-{i}") for i in range(3)]
+    later = [srv.push(url=worker.url + "/w", name=f"later-{i}", delay=300) for i in range(2)]
     page = ui.page
 
     ui.open(srv)
@@ -790,9 +803,9 @@ def test_charts_draw_and_match_the_servers_counters(make_server, worker, ui):
     wait_text(page, "#chart-finished-summary [data-total=canceled]", "1")
     # The gauges are sampled once a second: wait for a sample of the settled state.
     stats = srv.api("GET", "/stats")[1]
-    assert (stats["numRunningJobs"], stats["numScheduledJobs"]) == (1, 1), stats
+    assert (stats["numRunningJobs"], stats["numScheduledJobs"]) == (1, 2), stats
     wait_text(page, "#chart-gauges-summary [data-now=running]", "1")
-    wait_text(page, "#chart-gauges-summary [data-now=scheduled]", "1")
+    wait_text(page, "#chart-gauges-summary [data-now=scheduled]", "2")
 
     # What the charts draw is what the server counted.
     status, hist = srv.api("GET", "/stats/history")
@@ -807,26 +820,27 @@ def test_charts_draw_and_match_the_servers_counters(make_server, worker, ui):
     assert (drawn["points"], drawn["step"], drawn["end"]) == (600, 1, drawn["serverEnd"])
     assert abs(drawn["end"] - hist["end"]) <= 3
     assert drawn["running"] == hist["series"]["running"][-1] == 1
-    assert drawn["scheduled"] == hist["series"]["scheduled"][-1] == 1
-    assert drawn["waiting"] == hist["series"]["waiting"][-1] >= 1  # `queued` (and `later`, if counted as waiting)
+    assert drawn["scheduled"] == hist["series"]["scheduled"][-1] == 2
+    assert drawn["waiting"] == hist["series"]["waiting"][-1] == 3
 
-    # Both canvases are drawn, in the series' colours.
-    page.wait_for_function(f"(({COUNT_COLOURS})('#chart-finished') || {{}}).green > 0")
-    fin = page.evaluate(COUNT_COLOURS, "#chart-finished")
-    gauges = page.evaluate(COUNT_COLOURS, "#chart-gauges")
-    assert fin["green"] > 20 and fin["red"] > 5, fin
-    assert gauges["blue"] > 20 and gauges["violet"] > 20, gauges
+    # Both canvases are drawn, each series in its colour (the workload's second is a spike at the
+    # right edge, a few pixels wide; the gauges part there at 3, 2 and 1).
+    fin = poll(lambda: colours(page, "#chart-finished"), lambda n: n and n["success"] > 20, "the success series drawn")
+    assert fin["failure"] > 10 and fin["canceled"] > 2, fin
+    gauges = colours(page, "#chart-gauges")
+    assert all(gauges[k] > 10 for k in ("waiting", "scheduled", "running")), gauges
     ui.shot("charts.png")
 
     # Refreshed with the list: the held and queued jobs finish and the chart follows, no reload.
     page.evaluate("window.__same_page = true")
     worker.release()
-    srv.wait_job(queued["id"])
-    wait_text(page, "#chart-finished-summary [data-total=success]", "7")
+    srv.wait_job(queued[-1]["id"])
+    wait_text(page, "#chart-finished-summary [data-total=success]", "9")
     wait_text(page, "#chart-gauges-summary [data-now=running]", "0")
-    assert chart_totals(page)["success"] == 7
+    wait_text(page, "#chart-gauges-summary [data-now=waiting]", "0")
+    assert chart_totals(page)["success"] == 9
     assert page.evaluate("window.__same_page") is True
-    assert srv.job(later["id"])["status"] == "waiting"
+    assert [srv.job(j["id"])["status"] for j in later] == ["waiting", "waiting"]
 
 
 def test_charts_fit_a_phone(make_server, worker, ui):
@@ -852,10 +866,15 @@ def test_charts_fit_a_phone(make_server, worker, ui):
         assert box["x"] >= 0 and box["x"] + box["width"] <= 375, (sel, box)
     size = page.eval_on_selector("#chart-finished .u-legend", "e => parseFloat(getComputedStyle(e).fontSize)")
     assert size >= 11
-    page.wait_for_function(f"(({COUNT_COLOURS})('#chart-gauges') || {{}}).violet > 10")
+    poll(lambda: colours(page, "#chart-gauges"), lambda n: n and n["scheduled"] > 10, "the scheduled line drawn")
     ARTIFACTS.mkdir(exist_ok=True)
     page.locator("#charts").screenshot(path=str(ARTIFACTS / "charts-phone.png"))
-    # Rotating the phone resizes the charts to the new width.
-    page.set_viewport_size({"width": 740, "height": 375})
-    page.wait_for_function("document.querySelector('#chart-finished canvas').getBoundingClientRect().width > 500")
+    # Turned sideways, the charts go side by side and take their new width.
+    page.set_viewport_size({"width": 812, "height": 375})
+    page.wait_for_function("""() => ['#chart-finished', '#chart-gauges'].every(sel => {
+        const box = document.querySelector(sel), c = box.querySelector('canvas').getBoundingClientRect();
+        return Math.abs(c.width - box.clientWidth) <= 2; })""")
+    side = [page.locator(sel).bounding_box() for sel in ("#chart-finished canvas", "#chart-gauges canvas")]
+    assert abs(side[0]["y"] - side[1]["y"]) < 2 and side[0]["x"] + side[0]["width"] <= side[1]["x"], side
+    assert side[0]["width"] != boxes[0]["width"]
     ui.no_horizontal_scroll()

@@ -308,6 +308,12 @@
     history.replaceState(null, "", BASE + "/" + (qs ? "?" + qs : ""));
   }
 
+  // Waiting counts every job with status waiting; the charts split it into due ones and scheduled.
+  const STAT_HELP = {
+    numWaitingJobs: "Jobs with status waiting, scheduled ones included",
+    numScheduledJobs: "Waiting jobs whose runAt (a retry or a delay) is still ahead",
+  };
+
   function dashboard() {
     document.title = "Jobs — hq-gevent";
     const st = readQuery();
@@ -322,7 +328,7 @@
     const stats = h("section", { class: "stats", "aria-label": "Server statistics" },
       statDefs.map(([key, label]) => {
         statEls[key] = h("span", { class: "stat-value", "data-stat": key }, "–");
-        return h("div", { class: "stat" }, statEls[key], h("span", { class: "stat-label" }, label));
+        return h("div", { class: "stat", title: STAT_HELP[key] || null }, statEls[key], h("span", { class: "stat-label" }, label));
       }));
     const queueOf = h("span", { class: "stat-of" });
 
@@ -494,6 +500,7 @@
     { key: "failure", stroke: "#c92a2a", fill: "#f5b5b0" },
     { key: "canceled", stroke: "#5f6670", fill: "#d3d7dc" },
   ];
+  const TOP_DOWN = FINISHED.slice().reverse();
   const GAUGES = [
     { key: "waiting", stroke: "#1f5fbf" },
     { key: "scheduled", stroke: "#9c36b5" },
@@ -541,15 +548,17 @@
     function create() {
       const U = window.uPlot;
       const width = (box) => Math.max(200, box.clientWidth);
-      // Stacked: series i draws the running sum of the first i kinds; the lowest is filled down to
-      // zero and each band fills between a sum and the one below it. The legend shows raw counts.
-      const stacked = FINISHED.map((k, i) => ({
-        label: k.key, stroke: k.stroke, fill: i === 0 ? k.fill : undefined, width: 1, points: { show: false },
-        paths: U.paths.stepped({ align: 1 }),
+      // Stacked, top of the stack first: series 1 is the sum of all kinds, the last one success
+      // alone. Bands fill between neighbouring sums and the last series down to zero. Drawn in
+      // this order, the lower kinds' lines go over the upper ones, so a spike only a pixel wide
+      // still shows its parts in their colours. The legend shows raw counts, not sums.
+      const stacked = TOP_DOWN.map((k, i) => ({
+        label: k.key, stroke: k.stroke, fill: i === TOP_DOWN.length - 1 ? k.fill : undefined, width: 2,
+        points: { show: false }, paths: U.paths.stepped({ align: 1 }),
         value: (u, v, si, idx) => (idx === null || !raw[k.key] ? "--" : String(raw[k.key][idx] ?? "--")),
       }));
       const finishedOpts = baseOptions(width(finishedBox), stacked);
-      finishedOpts.bands = FINISHED.slice(1).map((k, i) => ({ series: [i + 2, i + 1], fill: k.fill }));
+      finishedOpts.bands = TOP_DOWN.slice(0, -1).map((k, i) => ({ series: [i + 1, i + 2], fill: k.fill }));
       state.finished = new U(finishedOpts, [[], [], [], []], finishedBox);
       const lines = GAUGES.map((k) => ({ label: k.key, stroke: k.stroke, width: 2, points: { show: false } }));
       state.gauges = new U(baseOptions(width(gaugesBox), lines), [[], [], [], []], gaugesBox);
@@ -590,7 +599,7 @@
       if (!state.finished) create();
       let run = new Array(n).fill(0);
       const sums = FINISHED.map((k) => (run = run.map((v, i) => v + raw[k.key][i])));
-      state.finished.setData([xs].concat(sums));
+      state.finished.setData([xs].concat(sums.reverse()));
       state.gauges.setData([xs].concat(GAUGES.map((k) => raw[k.key])));
     }
 
