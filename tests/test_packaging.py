@@ -37,7 +37,9 @@ PRODUCTION = {
     "data_dir": "/var/lib/hq-gevent",
     "log_file": "/var/log/hq-gevent/hq-gevent.log",
     "access_log_file": "/var/log/hq-gevent/access.log",
+    "auth_tokens_file": "/etc/hq-gevent/tokens",  # secure by default (issue 12): %post makes the token
 }
+TOKENS = "/etc/hq-gevent/tokens"
 # The files of issue 5, where the package puts them (besides the venv itself).
 PACKAGED = {
     "/usr/bin/hq-gevent",
@@ -47,12 +49,14 @@ PACKAGED = {
     "/usr/lib/systemd/system/hq-gevent.service",
     "/var/lib/hq-gevent",
     "/var/log/hq-gevent",
+    TOKENS,
     f"{VENV}/bin/hq-gevent",
     f"{VENV}/bin/python",
     f"{VENV}/pyvenv.cfg",
 }
 CONFIG_FILES = {
     "/etc/hq-gevent/hq-gevent.toml",
+    TOKENS,
     "/etc/sysconfig/hq-gevent",
     "/etc/logrotate.d/hq-gevent",
 }
@@ -87,9 +91,10 @@ def test_config_file_lists_every_key_with_production_values():
     text = CONFIG.read_text()
     parsed = toml.loads(text)
     keys = {f.name for f in fields(Config)}
-    # dispatchers defaults to the number of CPUs, which a file cannot say: it is shown commented out.
+    # dispatchers defaults to the number of CPUs, which a file cannot say, and a TOML file cannot say
+    # "unset" for the optional files: they are shown commented out.
     commented = set(re.findall(r"^#\s*([a-z_]+)\s*=", text, re.M))
-    assert commented == {"dispatchers"}
+    assert commented == {"dispatchers", "auth_read_tokens_file", "tls_cert_file", "tls_key_file"}
     assert set(parsed) | commented == keys, f"missing: {keys - set(parsed) - commented}"
     for key, value in PRODUCTION.items():
         assert parsed[key] == value
@@ -201,6 +206,8 @@ def test_rpm_lists_every_file(rpm_file):
     )
     for path in CONFIG_FILES:
         assert "c" in flags[path] and "n" in flags[path], (path, flags[path])
+    # The token file is made on the target by %post, never shipped: no two hosts share a token.
+    assert "g" in flags[TOKENS], flags[TOKENS]
     owners = {
         line.split()[0]: line.split()[1:]
         for line in rpm_query(
@@ -210,6 +217,7 @@ def test_rpm_lists_every_file(rpm_file):
     for path in ("/var/lib/hq-gevent", "/var/log/hq-gevent"):
         assert owners[path] == ["hq-gevent", "hq-gevent", "drwxr-x---"], (path, owners[path])
     assert owners["/etc/hq-gevent/hq-gevent.toml"][:2] == ["root", "root"]
+    assert owners[TOKENS] == ["root", "hq-gevent", "-rw-r-----"], owners[TOKENS]
     # Nothing outside the venv and the files above.
     others = {f for f in files if not f.startswith(VENV + "/")} - PACKAGED - {VENV}
     assert others <= {"/etc/hq-gevent", "/usr/share/doc/hq-gevent", f"/usr/share/doc/hq-gevent-{__version__}",
@@ -234,7 +242,11 @@ def test_rpm_scripts_create_the_user_and_drive_systemd(rpm_file):
     pre = scripts.split("preinstall scriptlet")[1].split("scriptlet")[0]
     assert "getent passwd hq-gevent" in pre and "useradd -r" in pre and "groupadd -r hq-gevent" in pre
     assert "-s /sbin/nologin" in pre and "-d /var/lib/hq-gevent" in pre
-    post = scripts.split("postinstall scriptlet")[1]
+    post = scripts.split("postinstall scriptlet")[1].split("scriptlet")[0]
+    # The API token: made only when the file is absent, from the OS's CSPRNG, 0640 root:hq-gevent.
+    assert f'path = "{TOKENS}"' in post and "if not os.path.exists(path):" in post, post
+    assert "secrets.token_urlsafe(32)" in post and "os.O_EXCL, 0o600)" in post
+    assert 'os.fchown(fd, 0, grp.getgrnam("hq-gevent").gr_gid)' in post and "os.fchmod(fd, 0o640)" in post
     # Either the distribution's %systemd_* macros or the spec's fallbacks (Debian's rpm has none).
     assert re.search(r"preset .*hq-gevent\.service|install-system-units hq-gevent\.service", post), post
     preun = scripts.split("preuninstall scriptlet")[1]
@@ -305,6 +317,25 @@ class PackagedServer(HQServer):
         super().__init__(tmp_path, config, name="packaged")
         # Loopback on a free port (the packaged file says 0.0.0.0:19900), and a quick stop.
         self.config.update(addr=f"127.0.0.1:{self.port}", shutdown_timeout=5)
+        # The token %post would make (this root is installed with --noscripts); the packaged config
+        # requires it, so every request of the tests carries it.
+        tokens = Path(self.config["auth_tokens_file"])
+        if not tokens.exists():
+            tokens.write_text("packaged-test-token-" + os.urandom(8).hex() + "\n")
+        self.token = tokens.read_text().strip()
+        self.session.headers["Authorization"] = f"Bearer {self.token}"
+
+    def wait_ready(self, timeout=20):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log()
+            try:
+                if self.session.get(self.url + "/", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"server not ready in {timeout}s:\n{self.log()}")
 
     def start(self, timeout=20, wait=True):
         self.write_config()
@@ -324,6 +355,8 @@ def test_installed_server_runs_a_job(installed_root, tmp_path, worker):
     srv = PackagedServer(installed_root, tmp_path)
     try:
         srv.start()
+        # Secure by default: without the token the packaged config refuses the API.
+        assert requests.get(srv.url + "/job", timeout=10).status_code == 401
         job = srv.push(url=worker.url + "/packaged", payload={"from": "rpm"})
         done = srv.wait_job(job["id"])
         assert done["status"] == "success", done
@@ -478,6 +511,13 @@ def test_service_under_systemd(container, worker):
     assert "hq-gevent" in c.run("getent", "passwd", "hq-gevent").stdout  # %pre made the system user
     assert c.run("getent", "passwd", "hq-gevent").stdout.strip().endswith(":/sbin/nologin"), install
     assert c.run("systemctl", "cat", "hq-gevent.service").stdout.count("ExecStart=/usr/bin/hq-gevent") == 1
+    # %post made the API token: one random line, readable by root and the service's group only.
+    assert c.run("stat", "-c", "%U %G %a", TOKENS).stdout.split() == ["root", "hq-gevent", "640"]
+    token = c.run("cat", TOKENS).stdout
+    assert re.fullmatch(r"[A-Za-z0-9_-]{43}\n", token), "not one token_urlsafe(32) line"
+    token = token.strip()
+    api = requests.Session()
+    api.headers["Authorization"] = f"Bearer {token}"
     port = free_port()
     c.run("sed", "-i", f's/^addr = .*/addr = "127.0.0.1:{port}"/', "/etc/hq-gevent/hq-gevent.toml")
     c.run("systemctl", "start", "hq-gevent.service")
@@ -486,18 +526,22 @@ def test_service_under_systemd(container, worker):
         deadline = time.monotonic() + 30
         while True:
             try:
-                if requests.get(url + "/", timeout=1).status_code == 200:
+                if api.get(url + "/", timeout=1).status_code == 200:
                     break
             except requests.RequestException:
                 pass
             status = c.run("systemctl", "status", "--no-pager", "-l", "hq-gevent", check=False).stdout
             assert time.monotonic() < deadline and "code=exited" not in status and "failed" not in status, status
             time.sleep(0.2)
-        r = requests.post(url + "/job", json={"url": worker.url + "/under-systemd", "payload": {"n": 1}}, timeout=10)
+        # Secure by default: the service (user hq-gevent, group-readable token) requires the token...
+        assert requests.get(url + "/job", timeout=5).status_code == 401
+        # ...and the CLI run by root on the host finds it without flags.
+        assert '"numJobs"' in c.run("hq-gevent", "stats", "-a", url).stdout
+        r = api.post(url + "/job", json={"url": worker.url + "/under-systemd", "payload": {"n": 1}}, timeout=10)
         assert r.status_code == 200, r.text
         job_id = r.json()["id"]
         deadline = time.monotonic() + 15
-        while (job := requests.get(f"{url}/job/{job_id}", timeout=5).json())["status"] not in ("success", "failure"):
+        while (job := api.get(f"{url}/job/{job_id}", timeout=5).json())["status"] not in ("success", "failure"):
             assert time.monotonic() < deadline, job
             time.sleep(0.05)
         assert job["status"] == "success", job
@@ -525,7 +569,7 @@ def test_service_under_systemd(container, worker):
         assert "Listening on" in c.run("cat", "/var/log/hq-gevent/hq-gevent.log.1").stdout
         deadline = time.monotonic() + 10
         while "/job?after-rotate" not in c.run("cat", "/var/log/hq-gevent/access.log", check=False).stdout:
-            requests.get(url + "/job?after-rotate", timeout=5)
+            api.get(url + "/job?after-rotate", timeout=5)
             assert time.monotonic() < deadline, "nothing in a new access.log after logrotate"
             time.sleep(0.2)
         assert "/job?after-rotate" not in c.run("cat", "/var/log/hq-gevent/access.log.1").stdout
@@ -537,9 +581,21 @@ def test_service_under_systemd(container, worker):
     assert "Result=success" in show and "ExecMainStatus=0" in show, show + c.run(
         "journalctl", "-u", "hq-gevent", "--no-pager", check=False).stdout
     assert stopped_in < 15, stopped_in
+    assert token not in c.run("cat", "/var/log/hq-gevent/access.log", "/var/log/hq-gevent/access.log.1",
+                              "/var/log/hq-gevent/hq-gevent.log", "/var/log/hq-gevent/hq-gevent.log.1").stdout
+
+    # An upgrade (here: the same package again) keeps the token, its owner and its mode, and
+    # `rpm -V` finds nothing to report about it (the %ghost entry says what %post makes).
+    c.run("rpm", "-U", "--replacepkgs", "--nodeps", "/mnt/hq-gevent.rpm")
+    assert c.run("cat", TOKENS).stdout.strip() == token
+    assert c.run("stat", "-c", "%U %G %a", TOKENS).stdout.split() == ["root", "hq-gevent", "640"]
+    verify = c.run("rpm", "-V", "hq-gevent", check=False).stdout
+    assert TOKENS not in verify, verify
 
     # Removal runs %preun/%postun cleanly; the edited config is kept as .rpmsave, the data stays.
     c.run("rpm", "-e", "hq-gevent")
     assert c.run("test", "-e", "/usr/bin/hq-gevent", check=False).returncode == 1
+    # The token stays, as the data does: a reinstall serves the same clients again.
+    assert c.run("cat", TOKENS).stdout.strip() == token
     assert c.run("test", "-f", "/etc/hq-gevent/hq-gevent.toml.rpmsave", check=False).returncode == 0
     assert "could not be found" in c.run("systemctl", "status", "hq-gevent.service", check=False).stderr
