@@ -1,5 +1,4 @@
 """HTTP routes: parse and validate, call the store or the dispatchers, render JSON. Nothing else."""
-import bisect
 import logging
 import mimetypes
 import os
@@ -13,7 +12,6 @@ import re2
 import ujson
 
 from hq_gevent import __commit_hash__, __version__
-from hq_gevent.ids import EPOCH_MS, SEQUENCE_BITS, SERVER_ID_BITS, now_ms
 from hq_gevent.job import InvalidJob, spec_from_request
 from hq_gevent.storage import JobConflict, JobNotFound, StoreUnavailable
 from hq_gevent.store import status_matcher
@@ -248,12 +246,6 @@ def query_filter(name):
         raise ApiError(422, f"'{name}' is not a valid regular expression: {reason}") from None
 
 
-def jobs_in_last_minute(ids):
-    """Stored jobs created in the last 60 s: ids encode their creation time and are sorted."""
-    first = max(0, now_ms() - 60000 - EPOCH_MS) << (SERVER_ID_BITS + SEQUENCE_BITS)
-    return len(ids) - bisect.bisect_left(ids, first)
-
-
 # --- rendering stored jobs ---------------------------------------------------------------
 _unrenderable_logged = set()
 
@@ -398,29 +390,23 @@ def add_api_routes(app, prefix, store, dispatchers, config):
         return render({"version": __version__, "commitHash": __commit_hash__})
 
     def stats():
-        queue_usage = store.queue_usage()
+        counts = store.stats()
         return render({
             "queues": config.queues,
             "dispatchers": config.dispatchers,
             "maxWorkers": config.max_workers,
-            "queueUsage": queue_usage,
-            "numWaitingJobs": store.num_waiting,
-            "numRunningJobs": store.num_running,
             "numWorkers": dispatchers.in_flight,
-            "numJobs": len(store.jobs),
+            **counts,
             # The HQ 2.x names (SPEC §10.5): its own `hq stats` reads these.
-            "numJobsInQueue": queue_usage,
-            "numJobsWaiting": store.num_waiting,
-            "numJobsRunning": store.num_running,
-            "numStoredJobs": len(store.jobs),
-            "numJobsInLastMinute": jobs_in_last_minute(store.ids),
-            "numScheduledJobs": store.num_scheduled,
-            "numBackloggedJobs": len(store.backlog),
-            "walBytes": store.wal.size,
+            "numJobsInQueue": counts["queueUsage"],
+            "numJobsWaiting": counts["numWaitingJobs"],
+            "numJobsRunning": counts["numRunningJobs"],
+            "numStoredJobs": counts["numJobs"],
         })
 
     def push_job():
-        view, duplicate = store.push(spec_from_request(read_json(config.max_body_bytes, empty={}), store.default_retry))
+        view, duplicate = store.push(spec_from_request(read_json(config.max_body_bytes, empty={}), store.default_retry,
+                                                       dispatchers.allowed_hosts))
         if duplicate:
             bottle.response.set_header("X-Hq-Duplicate", "true")
         return render(view)
@@ -434,7 +420,7 @@ def add_api_routes(app, prefix, store, dispatchers, config):
         specs = []
         for index, item in enumerate(body):
             try:
-                specs.append(spec_from_request(item, store.default_retry))
+                specs.append(spec_from_request(item, store.default_retry, dispatchers.allowed_hosts))
             except InvalidJob as e:
                 raise ApiError(e.status, f"jobs[{index}]: {e.message}") from None
         return render({"jobs": [view for view, _ in store.push_many(specs)]})
