@@ -296,8 +296,12 @@ def _read_body(conn, head, limit):
         wanted = min(head.length, limit)
         while len(buf) < wanted:
             conn.need("the end of the body")
-        body = bytes(buf[:wanted])
-        del buf[:wanted]
+        if len(buf) == wanted:  # the usual case: one copy, not two
+            body = bytes(buf)
+            buf.clear()
+        else:
+            body = bytes(buf[:wanted])
+            del buf[:wanted]
         if head.length > limit:
             return body, True, False
         return body, False, True

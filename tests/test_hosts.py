@@ -100,12 +100,8 @@ def test_an_ip_literal_is_checked_at_connect_too(raw_ok):
     assert raw_ok.requests and len(raw_ok.requests) == 1
 
 
-# --- through a real server (config allowed_hosts): needs api.py and dispatcher.py wiring ----------
+# --- through a real server (config allowed_hosts) ------------------------------------------------
 
-WIRING = pytest.mark.xfail(strict=True, reason="the lead wires config.allowed_hosts into api.py (push) and Delivery")
-
-
-@WIRING
 def test_server_refuses_at_push_and_at_connect(make_server, worker):
     server = make_server(allowed_hosts=["10.0.0.0/8", "*.example.org"])
     status, body = server.api("POST", "/job", {"url": "http://127.0.0.1:9/"})

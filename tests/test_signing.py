@@ -123,12 +123,8 @@ def test_workerapp_refuses_bad_signatures(verifying_app):
     assert requests.post(verifying_app, data=b'{"n":1}', headers=dict(stale), timeout=10).status_code == 401
 
 
-# --- through a real server (config signing_secrets): needs the dispatcher to pass the secrets ----
+# --- through a real server (config signing_secrets) ----------------------------------------------
 
-WIRING = pytest.mark.xfail(strict=True, reason="the lead wires config.signing_secrets into Delivery (dispatcher.py)")
-
-
-@WIRING
 def test_server_signs_worker_requests(make_server, worker):
     server = make_server(signing_secrets=[SECRET_A, SECRET_B])
     job = server.wait_job(server.push(url=worker.url, payload={"k": "v"}, headers={"webhook-id": "x"})["id"])
@@ -139,7 +135,6 @@ def test_server_signs_worker_requests(make_server, worker):
         assert Webhook(secret).verify(request["body"], request["headers"]) == {"k": "v"}
 
 
-@WIRING
 def test_server_signatures_pass_the_example_app(make_server, verifying_app):
     server = make_server(signing_secrets=[SECRET_B])
     assert server.wait_job(server.push(url=verifying_app, payload=[1, 2])["id"])["status"] == "success"
