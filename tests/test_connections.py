@@ -84,6 +84,23 @@ def test_silent_connection_and_idle_keep_alive_are_closed(make_server):
         assert 0.5 < wait_closed(kept, 15) < 8
 
 
+def test_stalled_body_is_answered_408_and_dropped(make_server):
+    srv = make_server(request_header_timeout=1, keepalive_timeout=2)
+    body = b'{"url": "http://127.0.0.1:9/stalled"}'
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=15) as s:
+        s.sendall(b"POST /job HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body[:10]))  # ...and no more
+        started = time.monotonic()
+        received = b""
+        while chunk := s.recv(65536):
+            received += chunk
+        elapsed = time.monotonic() - started
+    assert received.startswith(b"HTTP/1.1 408 "), received
+    assert 1.5 < elapsed < 10, elapsed
+    assert srv.api("GET", "/job")[1]["count"] == 0
+    assert "Traceback" not in srv.log()
+
+
 @pytest.mark.slow
 def test_300_idle_and_slow_connections_do_not_stop_normal_clients(make_server):
     srv = make_server(request_header_timeout=30)
