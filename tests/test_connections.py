@@ -102,6 +102,33 @@ def test_stalled_body_is_answered_408_and_dropped(make_server):
 
 
 @pytest.mark.slow
+def test_client_that_does_not_read_its_answer_is_dropped(make_server, worker):
+    srv = make_server(keepalive_timeout=2)
+    for _ in range(3):  # ~12 MB of listing: more than the socket buffers on both sides hold
+        batch = [{"url": worker.url + "/big", "comment": "c" * 4000} for _ in range(1000)]
+        assert srv.api("POST", "/jobs", batch)[0] == 200
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(20)
+        s.connect(("127.0.0.1", srv.port))
+        s.sendall(b"GET /job HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.5)
+        assert timed_get(srv.url + "/stats")[1] < 2  # the stuck answer holds no one else up
+        started = time.monotonic()
+        # The server gives up after keepalive_timeout; what it had sent is still readable, then EOF.
+        time.sleep(4)
+        received = 0
+        try:
+            while chunk := s.recv(1 << 20):
+                received += len(chunk)
+        except ConnectionResetError:
+            pass
+        assert time.monotonic() - started < 15
+    assert 0 < received < 12_000_000, received
+    assert srv.proc.poll() is None and "Traceback" not in srv.log()
+
+
+@pytest.mark.slow
 def test_300_idle_and_slow_connections_do_not_stop_normal_clients(make_server):
     srv = make_server(request_header_timeout=30)
     idle = open_idle(srv.port, 200)
