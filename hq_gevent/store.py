@@ -1,93 +1,32 @@
-"""The job store: a keydir of every job (ids ascending) in memory, every change through the log.
-
-The Bitcask model: each stored job is one row of compact columns (keydir.py) that says where
-its latest record lies in the log; a finished job's payload, headers, output and err are read
-back from there (in the threadpool, a page of jobs in one pass) when a request shows it. Active
-jobs (waiting, scheduled, running) also stay whole in memory: the dispatchers send them, and
-they are few next to the finished ones. Compaction rewrites the log and writes a hint file
-(hint.py) of the keydir, so a start-up replays only the records after it.
+"""The job store: every job in an in-memory index (ids ascending), every change through the log.
 
 A change is applied to memory only once its log record is durable (the WAL calls back in
 log order), so what the API shows never runs ahead of what a restart would load.
 """
 import bisect
 import collections
-import collections.abc
 import contextlib
 import gc
 import logging
 import os
 import time
-from array import array
 
 import gevent
 import gevent.event
 import gevent.queue
-import ujson
 
-from hq_gevent import hint, retry, wal
+from hq_gevent import retry, wal
 from hq_gevent.ids import EPOCH_MS, SEQUENCE_BITS, SERVER_ID_BITS, IdGenerator, now_ms, timestamp_ms
 from hq_gevent.job import STATUSES, Job
-from hq_gevent.keydir import ACTIVE, Keydir, status_table
 from hq_gevent.metrics import Metrics
 from hq_gevent.schedule import Schedule
-from hq_gevent.storage import JobConflict, JobNotFound, StoreUnavailable
+from hq_gevent.storage import JobConflict, JobNotFound
 
 log = logging.getLogger("hq_gevent")
 
 LOG_NAME = "jobs.jsonl"
-HINT_NAME = "jobs.hint"
 SCAN_SLICE_SECONDS = 0.02  # a list scan yields this often (SPEC §11: at least every 50 ms)
-SCAN_BLOCK = 4096  # rows prefiltered at once (column masks) between looks at the clock
-SNAPSHOT_CHUNK = 1000
-OLD_READER_SECONDS = 60  # a replaced log stays readable this long for reads planned before
-_ACTIVE_ROWS = bytes(1 if flags & ACTIVE else 0 for flags in range(256))
-
-
-class Row:
-    """A finished job as a list filter sees it, from the keydir alone (no log read)."""
-    __slots__ = ("id", "name", "comment", "url", "status")
-
-    def __init__(self, job_id, name, comment, url, status):
-        self.id, self.name, self.comment, self.url, self.status = job_id, name, comment, url, status
-
-
-class StoredIds(collections.abc.Sequence):
-    """The stored ids, ascending (a read-only view of the keydir's column)."""
-
-    def __init__(self, keydir_of):
-        self._keydir_of = keydir_of
-
-    def __len__(self):
-        return len(self._keydir_of().ids)
-
-    def __getitem__(self, i):
-        return self._keydir_of().ids[i]
-
-    def __eq__(self, other):
-        return list(self) == list(other)
-
-
-class StoredJobs(collections.abc.Mapping):
-    """Every stored job by id: a job not active is read from the log on each access."""
-
-    def __init__(self, store):
-        self._store = store
-
-    def __len__(self):
-        return len(self._store.keydir)
-
-    def __iter__(self):
-        return iter(self._store.keydir.ids.tolist())
-
-    def __contains__(self, job_id):
-        return job_id in self._store.active or self._store.keydir.find(job_id) is not None
-
-    def __getitem__(self, job_id):
-        try:
-            return self._store.get(job_id)
-        except JobNotFound:
-            raise KeyError(job_id) from None
+SCAN_CHECK_EVERY = 64  # jobs examined between looks at the clock
 
 
 class Store:
