@@ -731,7 +731,7 @@ def test_read_only_token_can_look_but_not_act_and_a_revoked_token_asks_again(mak
 # Pixels of a chart canvas by the nearest of the UI's series colours (strokes and fills, as in app.js);
 # axes, grid, text and anti-aliased edges are "other".
 PALETTE = {
-    "success": ["#2b8a3e", "#b2dfbb"], "failure": ["#c92a2a", "#f5b5b0"], "canceled": ["#5f6670", "#d3d7dc"],
+    "success": ["#2b8a3e", "#b2dfbb"], "failure": ["#c92a2a", "#ef8f87"], "canceled": ["#5f6670", "#b4bac3"],
     "waiting": ["#1f5fbf"], "scheduled": ["#9c36b5"], "running": ["#0c8599"],
 }
 COUNT_COLOURS = """([sel, palette]) => {

@@ -497,8 +497,8 @@
   // Stacked bottom to top in this order; colours follow the status badges.
   const FINISHED = [
     { key: "success", stroke: "#2b8a3e", fill: "#b2dfbb" },
-    { key: "failure", stroke: "#c92a2a", fill: "#f5b5b0" },
-    { key: "canceled", stroke: "#5f6670", fill: "#d3d7dc" },
+    { key: "failure", stroke: "#c92a2a", fill: "#ef8f87" },
+    { key: "canceled", stroke: "#5f6670", fill: "#b4bac3" },
   ];
   const TOP_DOWN = FINISHED.slice().reverse();
   const GAUGES = [
@@ -553,8 +553,8 @@
       // this order, the lower kinds' lines go over the upper ones, so a spike only a pixel wide
       // still shows its parts in their colours. The legend shows raw counts, not sums.
       const stacked = TOP_DOWN.map((k, i) => ({
-        label: k.key, stroke: k.stroke, fill: i === TOP_DOWN.length - 1 ? k.fill : undefined, width: 2,
-        points: { show: false }, paths: U.paths.stepped({ align: 1 }),
+        label: k.key, stroke: k.stroke, fill: i === TOP_DOWN.length - 1 ? k.fill : undefined, width: 1.5,
+        points: { show: false },
         value: (u, v, si, idx) => (idx === null || !raw[k.key] ? "--" : String(raw[k.key][idx] ?? "--")),
       }));
       const finishedOpts = baseOptions(width(finishedBox), stacked);
