@@ -1,6 +1,8 @@
 """Metrics (SPEC §12): the Metrics class in-process, parsed back with prometheus_client's own
 parser, and GET /metrics of a real server after a known workload."""
+import os
 import re
+import resource
 import threading
 import time
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -345,3 +347,134 @@ def test_history_sampler_runs_every_second():
     series = metrics.history()["series"]
     assert series["running"][-1] == 2 and series["scheduled"][-1] == 1
     assert 3 in series["waiting"]
+
+
+# --- GET /metrics of a real server ---------------------------------------------------------
+def live_samples(srv):
+    response = srv.request("GET", "/metrics")
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"].startswith("text/plain")
+    return samples(response.text)
+
+
+def wait_for(srv, condition, timeout=15):
+    """The scrape once `condition(samples)` holds: counters may trail the API by a moment."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = live_samples(srv)
+        if condition(found):
+            return found
+        assert time.monotonic() < deadline, "the metrics never reached the expected values"
+        time.sleep(0.1)
+
+
+def wait_attempts(srv, job_id, attempts, timeout=15):
+    deadline = time.monotonic() + timeout
+    while srv.job(job_id)["attempts"] < attempts:
+        assert time.monotonic() < deadline, f"job {job_id} never reached attempt {attempts}"
+        time.sleep(0.02)
+
+
+def test_metrics_after_a_known_workload(make_server, worker):
+    srv = make_server(access_log_file="", dispatchers=2)
+    ids = []
+
+    def push(**job):
+        status, body = srv.api("POST", "/job", dict(url=worker.url, **job))
+        assert status == 200, body
+        ids.append(body["id"])
+        return body["id"]
+
+    # 4 successes; the second push of the uniqueKey stores nothing
+    for n in range(3):
+        push(name=f"ok{n}")
+    once = push(name="once", uniqueKey="metrics-once")
+    assert push(name="once again", uniqueKey="metrics-once") == once
+    for job_id in set(ids):
+        assert srv.wait_job(job_id)["status"] == "success"
+
+    # 2 failures, one attempt each
+    worker.respond(500)
+    failing = [push(name=f"fail{n}") for n in range(2)]
+    for job_id in failing:
+        assert srv.wait_job(job_id)["status"] == "failure"
+
+    # a failed attempt, a retry, a success
+    worker.hold()
+    retried = push(name="retried", retry={"maxAttempts": 2, "minBackoff": 1, "maxBackoff": 1})
+    worker.wait_requests(7)
+    worker.release()
+    wait_attempts(srv, retried, 1)
+    worker.respond(200)
+    assert srv.wait_job(retried)["status"] == "success"
+    assert srv.job(retried)["attempts"] == 2
+
+    # stopped while running, and stopped while scheduled
+    worker.hold()
+    running = push(name="stopped while running")
+    worker.wait_requests(9)
+    scheduled = push(name="scheduled", delay=3600)
+    found = wait_for(srv, lambda f: value(f, "hq_jobs", state="scheduled") == 1)
+    assert value(found, "hq_jobs", state="running") == 1
+    assert value(found, "hq_workers_busy") == 1
+    for job_id in (running, scheduled):
+        assert srv.api("POST", f"/job/{job_id}/stop")[0] == 200
+        assert srv.wait_job(job_id)["status"] == "canceled"
+    worker.release()
+
+    assert srv.request("GET", "/no/such/path").status_code == 404
+    assert srv.request("GET", "/job/abc").status_code == 422
+
+    found = wait_for(srv, lambda f: value(f, "hq_jobs_finished_total", status="canceled") == 2)
+    assert value(found, "hq_jobs_pushed_total") == 9
+    assert value(found, "hq_jobs_finished_total", status="success") == 5
+    assert value(found, "hq_jobs_finished_total", status="failure") == 2
+    assert value(found, "hq_job_attempts_total", result="success") == 5
+    assert value(found, "hq_job_attempts_total", result="failure") == 3  # the stopped request is no result
+    assert value(found, "hq_job_retries_total") == 1
+    assert value(found, "hq_delivery_duration_seconds_count") == 8
+    assert value(found, "hq_delivery_duration_seconds_bucket", le="+Inf") == 8
+    assert value(found, "hq_job_wait_seconds_count") == 9  # every start: 4 + 2 + 2 + 1
+    assert value(found, "hq_job_wait_seconds_sum") >= 0
+    for state in ("waiting", "scheduled", "running"):
+        assert value(found, "hq_jobs", state=state) == 0
+    assert value(found, "hq_jobs_stored") == 9
+    assert value(found, "hq_queue_usage") == 0
+    assert value(found, "hq_workers_busy") == 0
+    assert value(found, "hq_wal_bytes") == os.path.getsize(os.path.join(srv.data_dir, "jobs.jsonl"))
+    assert value(found, "hq_store_write_duration_seconds_count") >= 1
+    assert value(found, "hq_store_write_errors_total") == 0
+    assert value(found, "process_resident_memory_bytes") > 0
+
+    assert value(found, "hq_http_requests_total", method="POST", route="/job", code="200") == 10
+    assert value(found, "hq_http_requests_total", method="POST", route="/job/{id}/stop", code="200") == 2
+    assert value(found, "hq_http_requests_total", method="GET", route="unmatched", code="404") == 1
+    assert value(found, "hq_http_requests_total", method="GET", route="/job/{id}", code="422") == 1
+    assert value(found, "hq_http_request_duration_seconds_count", route="/job") >= 10
+    routes = {dict(labels)["route"] for name, labels in found if name == "hq_http_requests_total"}
+    assert routes <= {"/", "/stats", "/job", "/job/{id}", "/job/{id}/stop", "/job/{id}/restart", "/jobs",
+                      "/metrics", "/healthz", "/readyz", "unmatched"}, routes
+    for (_, labels) in found:
+        for _, label_value in labels:
+            assert not any(job_id in label_value for job_id in ids), f"a raw id in a label: {label_value}"
+
+
+def test_readyz_and_write_errors_follow_a_real_write_failure(make_server, worker):
+    """A real EFBIG (the file size limit lowered under the server, as in test_faults)."""
+    srv = make_server(access_log_file="")
+    assert srv.api("GET", "/healthz") == (200, {"status": "ok"})
+    assert srv.api("GET", "/readyz") == (200, {"status": "ready"})
+    srv.wait_job(srv.push(url=worker.url)["id"])
+    size = os.path.getsize(os.path.join(srv.data_dir, "jobs.jsonl"))
+    unlimited = resource.prlimit(srv.proc.pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(srv.proc.pid, resource.RLIMIT_FSIZE, (size, unlimited[1]))
+    try:
+        assert srv.api("POST", "/job", {"url": worker.url})[0] == 503
+        status, body = srv.api("GET", "/readyz")
+        assert status == 503 and body["status"] == 503 and body["error"]
+        assert srv.api("GET", "/healthz") == (200, {"status": "ok"})
+        assert value(live_samples(srv), "hq_store_write_errors_total") >= 1
+    finally:
+        resource.prlimit(srv.proc.pid, resource.RLIMIT_FSIZE, unlimited)
+    srv.wait_job(srv.push(url=worker.url)["id"])  # a write succeeds again
+    assert srv.api("GET", "/readyz") == (200, {"status": "ready"})

@@ -282,3 +282,11 @@ def test_ops_files_use_only_exposed_metrics():
     app.route("/job/<job_id>", "GET", lambda job_id: "")
     metrics.route_plugin().apply(app.routes[0].callback, app.routes[0])("1")  # labeled series appear once used
     check_names_against(metrics.render()[0].decode())
+
+
+def test_ops_files_match_a_live_server(make_server, worker):
+    srv = make_server(access_log_file="")
+    srv.wait_job(srv.push(url=worker.url)["id"])  # labeled series appear once something happened
+    response = srv.request("GET", "/metrics")
+    assert response.status_code == 200, response.text
+    check_names_against(response.text)
