@@ -878,3 +878,21 @@ def test_charts_fit_a_phone(make_server, worker, ui):
     assert abs(side[0]["y"] - side[1]["y"]) < 2 and side[0]["x"] + side[0]["width"] <= side[1]["x"], side
     assert side[0]["width"] != boxes[0]["width"]
     ui.no_horizontal_scroll()
+
+
+def test_vendored_uplot_is_the_pinned_release_with_its_licence(make_server):
+    """hq_gevent/ui/vendor/fetch-uplot.sh pins uPlot by version and tarball sha256; the committed
+    files must be that release (re-run the script after changing the pin), and the UI serves them."""
+    vendor = ROOT / "hq_gevent" / "ui" / "vendor"
+    script = (vendor / "fetch-uplot.sh").read_text()
+    version = next(line.split("=", 1)[1] for line in script.splitlines() if line.startswith("VERSION="))
+    assert (vendor / "uplot" / "VERSION").read_text().strip() == version
+    js = (vendor / "uplot" / "uPlot.iife.min.js").read_text()
+    assert js.startswith(f"/*! https://github.com/leeoniya/uPlot (v{version}) */")
+    licence = (vendor / "uplot" / "LICENSE").read_text()
+    assert "MIT License" in licence and "Leon Sorokin" in licence
+    srv = make_server()
+    for name, ctype in (("uPlot.iife.min.js", "javascript"), ("uPlot.min.css", "text/css")):
+        r = requests.get(f"{srv.url}/ui/vendor/uplot/{name}", timeout=10)
+        assert r.status_code == 200 and ctype in r.headers["Content-Type"], (name, r.headers)
+        assert r.content == (vendor / "uplot" / name).read_bytes()
