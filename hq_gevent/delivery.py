@@ -3,7 +3,12 @@
 A small HTTP/1.1 client on gevent sockets with a keep-alive pool per (scheme, host, port).
 This path decides end-to-end throughput: measured here, requests.Session costs ~1 ms of CPU
 per request and http.client ~200 us; this client, which builds the request in one buffer and
-parses only the headers it needs, costs a fraction of that (see bench/RESULTS.md).
+parses only the headers it needs, costs a fraction of that (see bench/RESULTS.md); geventhttpclient
+costs ~2x and lets a hostile answer hold the event loop (README, "Worker request").
+
+A worker's answer is untrusted: every read after the first yields to the loop, and everything
+we keep or scan is bounded (output by max_output_bytes, framing by the MAX_* below), so no answer
+can freeze the server, outlive the job's timeout or grow memory without limit.
 """
 import base64
 import collections
@@ -63,12 +68,12 @@ class _Head:
 class _Connection:
     """A socket and the bytes received on it but not consumed yet."""
 
-    __slots__ = ("sock", "buf", "reads", "received")
+    __slots__ = ("sock", "buf", "reads", "received", "lines")
 
     def __init__(self, sock):
         self.sock = sock
         self.buf = bytearray()
-        self.reads = self.received = 0  # within the current exchange
+        self.reads = self.received = self.lines = 0  # within the current exchange
 
     def fill(self):
         """Append what the worker sends next; returns how many bytes (0 at the end of the stream)."""
@@ -89,6 +94,9 @@ class _Connection:
 
     def line(self, cap, what):
         """The next CRLF-terminated line (without CRLF), at most `cap` bytes."""
+        self.lines += 1
+        if not self.lines % 1024:
+            gevent.sleep(0)  # 64 KiB of one-byte chunks is ~13k lines: parsing them is a turn of its own
         buf, start = self.buf, 0
         while True:
             end = buf.find(b"\r\n", start)
@@ -142,7 +150,7 @@ class Delivery:
         return self._exchange(self._connect(key), request, idle, reused=False)
 
     def _exchange(self, conn, request, idle, reused):
-        conn.reads = conn.received = 0
+        conn.reads = conn.received = conn.lines = 0
         try:
             try:
                 conn.sock.sendall(request)
@@ -181,7 +189,7 @@ class Delivery:
                 sock.close()
                 error = e
         else:
-            raise error
+            raise error or OSError("the host has no address")
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if scheme == "https":
             if self._tls is None:

@@ -151,6 +151,7 @@ def check_bounded(jobs, slowest, growth):
     assert slowest < PROBE_LIMIT, f"GET / took {slowest:.2f}s during the attack"
     assert growth < RSS_GROWTH_LIMIT, f"the server's RSS grew by {growth >> 20} MiB"
     took = max(seconds(job["finishedAt"]) - seconds(job["startedAt"]) for job in jobs)
+    print(f"{len(jobs)} jobs, longest {took:.2f}s, slowest GET / {slowest * 1000:.0f} ms, RSS +{growth / 2**20:.1f} MiB")
     assert took < JOB_TIMEOUT + TIMEOUT_MARGIN, f"a job ran {took:.1f}s with timeout {JOB_TIMEOUT}"
     return took
 
