@@ -172,11 +172,11 @@ class Conn:
             buf = buf[size + 2 :]
 
 
-def get(host, port, path, timeout=10.0):
+def get(host, port, path, timeout=10.0, headers=None):
     """One-off request for control traffic (stats, polling); returns (status, body)."""
     c = Conn(host, port, timeout)
     try:
-        return c.request(build_request("GET", path, headers={"Connection": "close"}))
+        return c.request(build_request("GET", path, headers={"Connection": "close", **(headers or {})}))
     finally:
         c.close()
 

@@ -4,6 +4,9 @@ Each scenario starts a fresh server (any HQ-compatible command, `--server 'CMD {
 temporary data_dir and a fresh bench worker, both on 127.0.0.1, drives it over HTTP only, and
 prints a table plus one JSON line per scenario. `--compare 'CMD {config}'` runs a second server
 alternately with the first (A B A B ..., `--rounds`, at least 3) and reports medians and A/B ratios.
+Each side may run another checkout's hq_gevent (`--server-dir`/`--compare-dir DIR`, or
+`--server-ref`/`--compare-ref REF`: that commit of this repository, exported with `git archive`)
+and its own config (`--set-a`/`--set-b`, `--secure A|B`: API token and signing on).
 
 Every run is bounded in count and time; every child process runs in its own process group and is
 killed on exit, on an error and on Ctrl-C (and gets SIGKILL if the bench itself dies).
@@ -20,6 +23,7 @@ import signal
 import socket
 import statistics
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -32,10 +36,12 @@ from bench import load
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 DEFAULT_SERVER = f"{shlex.quote(sys.executable)} -m hq_gevent serve -c {{config}}"
-SCENARIOS = ["baseline", "push", "e2e", "slow", "memory", "list"]
+SCENARIOS = ["baseline", "push", "e2e", "slow", "memory", "list", "schedule", "batch", "retry"]
 SIZES = {  # jobs per scenario: full run, and --quick
-    "full": {"push": 10000, "e2e": 10000, "slow": 10000, "memory": 100000, "list": 100000},
-    "quick": {"push": 2000, "e2e": 2000, "slow": 1000, "memory": 5000, "list": 5000},
+    "full": {"push": 10000, "e2e": 10000, "slow": 10000, "memory": 100000, "list": 100000,
+             "schedule": 100000, "batch": 100000, "retry": 10000},
+    "quick": {"push": 2000, "e2e": 2000, "slow": 1000, "memory": 5000, "list": 5000,
+              "schedule": 5000, "batch": 10000, "retry": 1000},
 }
 # Server config per scenario (the issue's reference points), before --set overrides.
 CONFIGS = {
@@ -44,11 +50,34 @@ CONFIGS = {
     "slow": {"dispatchers": 1, "max_workers": None},  # None: ample, = n
     "memory": {"dispatchers": 2, "max_workers": 100},
     "list": {"dispatchers": 2, "max_workers": 100},
+    "schedule": {"dispatchers": 2, "max_workers": 100},
+    "batch": {"dispatchers": 2, "max_workers": 0},  # the push part, as in push
+    "batch_e2e": {"dispatchers": 2, "max_workers": 100},  # the e2e part, as in e2e (--set batch.KEY sets both)
+    "retry": {"dispatchers": 2, "max_workers": 100},
 }
+# The retry scenario's policy (SPEC §10.2) and worker: each job fails twice, then succeeds.
+RETRY_POLICY = {"maxAttempts": 5, "minBackoff": 0.1, "maxBackoff": 1}
+RETRY_FAILS = 2
+# The longest the backoff waits of one job can add up to: before attempt 2 at most minBackoff, before
+# attempt 3 at most 2 x minBackoff (SPEC §10.3: d = min(maxBackoff, minBackoff x 2^(n-1)), jitter below d).
+RETRY_WAITS_S = sum(min(RETRY_POLICY["maxBackoff"], RETRY_POLICY["minBackoff"] * 2**k) for k in range(RETRY_FAILS))
+# --secure: the API token the bench's clients send and the signing secret the server signs with.
+# Made up for the bench, not secrets: they guard nothing but a throwaway server on 127.0.0.1.
+BENCH_TOKEN = "hq-bench-token-0123456789abcdef"
+BENCH_SIGNING_SECRET = "whsec_aHEtYmVuY2gtc2lnbmluZy1zZWNyZXQtMzItYnl0ZXM="
 # Figures where smaller is better (times, sizes, CPU, failures); rates (*_per_s) and the rest are higher-is-better.
-LOWER_IS_BETTER = re.compile(r"((?<!_per)_s|_ms|_job|_mb|lost|duplicates|unexpected|errors|_cpu)$")
+LOWER_IS_BETTER = re.compile(
+    r"((?<!_per)_s|_ms|_job|_mb|lost|duplicates|unexpected|errors|_cpu|early|vs_ideal|mismatches|not_success|"
+    r"wrong_attempts|due_before_rss)$"
+)
 # Keys only hq-gevent knows; a 1.x server (e.g. the Go HQ) refuses or ignores them.
-HQ_GEVENT_ONLY_KEYS = ("wal_fsync", "max_output_bytes", "max_body_bytes", "wal_compact_min_bytes", "wal_compact_ratio")
+HQ_GEVENT_ONLY_KEYS = (
+    "wal_fsync", "max_output_bytes", "max_body_bytes", "wal_compact_min_bytes", "wal_compact_ratio",
+    "retry_max_attempts", "retry_min_backoff", "retry_max_backoff", "retry_max_duration", "unique_window",
+    "auth_tokens", "auth_read_tokens", "auth_tokens_file", "auth_read_tokens_file", "signing_secrets",
+    "tls_cert_file", "tls_key_file", "allowed_hosts", "request_header_timeout", "keepalive_timeout",
+    "max_connections", "metrics_public", "log_format",
+)
 FINISHED = ("success", "failure", "canceled", "unknown")
 
 children = []  # every live Popen, for cleanup
@@ -66,13 +95,14 @@ def _die_with_parent():
         pass
 
 
-def spawn(cmd, log_path, env=None, stdout=None):
+def spawn(cmd, log_path, env=None, stdout=None, cwd=None):
     out = open(log_path, "ab")
     proc = subprocess.Popen(
         cmd,
         stdout=stdout if stdout is not None else out,
         stderr=out,
         env=env,
+        cwd=cwd,
         start_new_session=True,  # its own process group, so a wrapper's children die with it
         preexec_fn=_die_with_parent,
     )
@@ -224,10 +254,12 @@ class CpuMeter:
 class Worker:
     """`python3 -m bench.worker` on a port it picks itself (no port race)."""
 
-    def __init__(self, workdir, sleep_ms=0, trivial=False, name="worker"):
+    def __init__(self, workdir, sleep_ms=0, trivial=False, name="worker", fail_first=0):
         cmd = [sys.executable, "-m", "bench.worker", "--port", "0"]
         if sleep_ms:
             cmd += ["--sleep-ms", str(sleep_ms)]
+        if fail_first:
+            cmd += ["--fail-first", str(fail_first)]
         if trivial:
             cmd.append("--trivial")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -249,6 +281,10 @@ class Worker:
 
     def arrivals(self):
         status, body = self.control.request(load.build_request("GET", "/arrivals"))
+        return json.loads(body)
+
+    def successes(self):
+        status, body = self.control.request(load.build_request("GET", "/successes"))
         return json.loads(body)
 
     def close(self):
@@ -273,22 +309,73 @@ def server_config(flavor, scenario_config):
     return config
 
 
+class Side:
+    """One server under test: its command template, flavor, checkout and config overrides."""
+
+    def __init__(self, label, template, flavor, root=None, sets=(), commit=None):
+        self.label = label
+        self.template = template
+        self.flavor = flavor
+        self.root = root  # the checkout whose hq_gevent the server imports (None: this one, as installed)
+        self.sets = list(sets)  # (key, value) pairs over the shared --set ones
+        self.commit = commit or checkout_commit(root or ROOT)
+        self.version = None  # `GET /`'s answer, read at each start
+
+    def describe(self):
+        return {"server": self.template, "dir": str(self.root or ROOT), "commit": self.commit, "version": self.version}
+
+
+def checkout_commit(root):
+    """Short commit of a git checkout, `+dirty` when its hq_gevent/ has changes (None: not a checkout)."""
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode:
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "hq_gevent"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def export_ref(ref, dest):
+    """This repository's tree at `ref` into `dest` (git archive: the repository is only read); returns the commit."""
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{ref}^{{commit}}"],
+                            capture_output=True, text=True, timeout=10)
+    if commit.returncode:
+        raise RuntimeError(f"not a commit of {ROOT}: {ref}: {commit.stderr.strip()}")
+    tar_path = Path(str(dest) + ".tar")
+    made = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", "-o", str(tar_path), commit.stdout.strip()],
+                          capture_output=True, text=True, timeout=120)
+    if made.returncode:
+        raise RuntimeError(f"git archive {ref}: {made.stderr.strip()}")
+    os.makedirs(dest)
+    with tarfile.open(tar_path) as tar:
+        tar.extractall(dest, filter="data")
+    tar_path.unlink()
+    return commit.stdout.strip()[:7]
+
+
 class Server:
     """One run of the server under test, from a command template with `{config}`."""
 
-    def __init__(self, template, flavor, workdir, name, config, profile_dir=None):
+    def __init__(self, side, workdir, name, config, profile_dir=None):
         self.profile_dir = profile_dir
         self.profiler = None
         self.profiles = 0
-        self.template = template
-        self.flavor = flavor
+        self.side = side
+        self.template = side.template
+        self.flavor = side.flavor
         self.workdir = Path(workdir)
         self.name = name
         self.data_dir = self.workdir / f"{name}-data"
         self.config_path = self.workdir / f"{name}.toml"
         self.log_path = self.workdir / f"{name}.log"
-        self.config = server_config(flavor, config)
+        self.config = server_config(self.flavor, config)
         self.config["data_dir"] = str(self.data_dir)
+        token = (self.config.get("auth_tokens") or [None])[0]
+        # Every request of the bench's clients carries the token when the server wants one.
+        self.auth = {"Authorization": f"Bearer {token}"} if token else {}
         self.proc = None
         self.port = None
         self.control = None
@@ -303,18 +390,25 @@ class Server:
             cmd = [arg.replace("{config}", str(self.config_path)) for arg in shlex.split(self.template)]
             env = dict(os.environ)
             env.pop("HQ_CONFIG", None)
-            if self.flavor == "hq-gevent":  # this checkout's hq_gevent, installed or not
-                env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+            root = self.side.root
+            if self.flavor == "hq-gevent":
+                # The side's checkout first on the path (this one by default), installed or not. With
+                # another checkout the server also runs in it: `python3 -m` puts the working directory
+                # before PYTHONPATH, so the bench's own checkout must not be the working directory there.
+                env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root or ROOT), os.environ.get("PYTHONPATH")]))
             t0 = time.monotonic()
-            self.proc = spawn(cmd, self.log_path, env=env)
+            self.proc = spawn(cmd, self.log_path, env=env, cwd=str(root) if root else None)
             log(f"started {self.name} pid {self.proc.pid}: {' '.join(cmd)}")
             deadline = t0 + timeout
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
                     break
                 try:
-                    if load.get(HOST, self.port, "/", timeout=2)[0] == 200:
+                    code, body = load.get(HOST, self.port, "/", timeout=2, headers=self.auth)
+                    if code == 200:
                         ready = time.monotonic() - t0
+                        self.side.version = json.loads(body)
+                        self._check_auth()
                         self._attach_profiler()
                         return ready
                 except (ConnectionError, OSError, ValueError):
@@ -326,10 +420,15 @@ class Server:
             children.remove(self.proc)
         raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{tail(self.log_path)}")
 
+    def _check_auth(self):
+        """With a token configured, a request without it must be refused, or an A/B measures nothing."""
+        if self.auth and load.get(HOST, self.port, "/stats", timeout=10)[0] != 401:
+            log(f"warning: {self.name} answers without the token: auth_tokens is not in force")
+
     def get_json(self, path):
         if self.control is None:
             self.control = load.Conn(HOST, self.port, timeout=60)  # kept alive, as for the worker
-        status, body = self.control.request(load.build_request("GET", path))
+        status, body = self.control.request(load.build_request("GET", path, headers=self.auth))
         return status, json.loads(body)
 
     def rss(self):
@@ -394,25 +493,70 @@ def profile_summary(raw, top=15):
 
 # --- building blocks ------------------------------------------------------------------------
 
-def push_requests(worker, n):
-    """n prebuilt `POST /job` requests. Names alternate foo-*/bar-* for the list filters."""
-    reqs = []
-    for i in range(n):
-        job = {"url": f"{worker.url}/job", "name": f"{'foo' if i % 2 else 'bar'}-{i % 10}", "payload": {"i": i}}
-        body = json.dumps(job, separators=(",", ":")).encode()
-        reqs.append(load.build_request("POST", "/job", body, {"Content-Type": "application/json"}))
-    return reqs
+def job_dict(worker, i, **extra):
+    """Job i of a run. Names alternate foo-*/bar-* for the list filters."""
+    return {"url": f"{worker.url}/job", "name": f"{'foo' if i % 2 else 'bar'}-{i % 10}", "payload": {"i": i}, **extra}
+
+
+def json_headers(server):
+    return {"Content-Type": "application/json", **server.auth}
+
+
+def push_jobs(server, jobs, opts, deadline_s, batch_size=None, concurrency=None):
+    """Push job dicts, one per `POST /job` or `batch_size` per `POST /jobs` (SPEC §10.6).
+
+    Returns (load.Result, [(sent time, id, index in jobs) of acknowledged jobs]). A batch is
+    acknowledged as a whole or not at all; an answer with the wrong number of jobs counts as none.
+    """
+    headers = json_headers(server)
+    if batch_size:
+        groups = [list(range(k, min(k + batch_size, len(jobs)))) for k in range(0, len(jobs), batch_size)]
+        path, body_of = "/jobs", lambda g: [jobs[i] for i in g]
+    else:
+        groups = [[i] for i in range(len(jobs))]
+        path, body_of = "/job", lambda g: jobs[g[0]]
+    reqs = [load.build_request("POST", path, json.dumps(body_of(g), separators=(",", ":")).encode(), headers) for g in groups]
+    res = load.run(HOST, server.port, reqs, concurrency or opts.concurrency, deadline_s, keep_bodies=True)
+    acked = []
+    for group, sent, status, body in zip(groups, res.sent, res.status, res.body):
+        if status != 200:
+            continue
+        answer = json.loads(body)
+        answered = answer["jobs"] if batch_size else [answer]
+        if len(answered) == len(group):
+            acked.extend((sent, str(job["id"]), i) for i, job in zip(group, answered))
+    return res, acked
 
 
 def push(server, worker, n, opts, deadline_s):
-    """Push n jobs; returns (load.Result, [(sent time, id) of acknowledged pushes])."""
-    reqs = push_requests(worker, n)
-    res = load.run(HOST, server.port, reqs, opts.concurrency, deadline_s, keep_bodies=True)
-    acked = []
-    for sent, status, body in zip(res.sent, res.status, res.body):
-        if status == 200:
-            acked.append((sent, str(json.loads(body)["id"])))
-    return res, acked
+    """Push n jobs one by one; returns (load.Result, [(sent time, id) of acknowledged pushes])."""
+    res, acked = push_jobs(server, [job_dict(worker, i) for i in range(n)], opts, deadline_s)
+    return res, [(sent, job_id) for sent, job_id, _ in acked]
+
+
+def supports_batch(server):
+    """Whether the server has `POST /jobs` (an empty array is a 400 there, an unknown route 404/405)."""
+    raw = load.build_request("POST", "/jobs", b"[]", {**json_headers(server), "Connection": "close"})
+    conn = load.Conn(HOST, server.port, timeout=10)
+    try:
+        return conn.request(raw)[0] not in (404, 405)
+    finally:
+        conn.close()
+
+
+def stored_jobs(server, deadline, page=5000):
+    """Every stored job as {id: (status, attempts)}, read in pages of `page` (bounded by `deadline`)."""
+    jobs, begin = {}, None
+    while time.monotonic() < deadline:
+        code, body = server.get_json(f"/job?limit={page}" + (f"&begin={begin}" if begin else ""))
+        if code != 200:
+            raise RuntimeError(f"GET /job answered {code}: {body}")
+        for job in body["jobs"]:
+            jobs[str(job["id"])] = (job.get("status"), job.get("attempts"))
+        if not body.get("hasNext"):
+            break
+        begin = body["next"]
+    return jobs
 
 
 def wait_delivered(worker, server, ids, deadline):
@@ -443,6 +587,28 @@ def wait_delivered(worker, server, ids, deadline):
     return worker.arrivals()
 
 
+def wait_succeeded(worker, server, want, deadline):
+    """Until the worker has answered 200 for `want` distinct ids (the retry scenario); returns whether it has.
+
+    Gives up, as wait_delivered does, after the server has been idle for 2 s.
+    """
+    idle_since = None
+    next_idle_check = time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        if worker.stats()["successIds"] >= want:
+            return True
+        gevent.sleep(0.005)
+        if time.monotonic() >= next_idle_check:
+            next_idle_check = time.monotonic() + 0.5
+            if server_idle(server):
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since > 2.0:
+                    break
+            else:
+                idle_since = None
+    return False
+
+
 def wait_finished(server, job_id, deadline):
     """Until the job has finished; returns its status (None if the bound passed first)."""
     while time.monotonic() < deadline:
@@ -454,8 +620,9 @@ def wait_finished(server, job_id, deadline):
 
 
 def server_idle(server):
+    """Nothing waiting, running or scheduled (1.x /stats names; numScheduledJobs where the server has it)."""
     code, stats = server.get_json("/stats")
-    return code == 200 and stats.get("numWaitingJobs") == 0 and stats.get("numRunningJobs") == 0
+    return code == 200 and stats.get("numWaitingJobs") == 0 and stats.get("numRunningJobs") == 0 and not stats.get("numScheduledJobs")
 
 
 def wait_idle(server, deadline):
@@ -484,13 +651,19 @@ def r(x, nd=1):
     return None if x is None else round(x, nd)
 
 
+def rfc3339_ms(t_ms):
+    """Unix time in whole milliseconds as SPEC §1's time format."""
+    seconds, millis = divmod(t_ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
 # --- scenarios ------------------------------------------------------------------------------
 
 def sc_push(ctx, side):
     """Acknowledged (durable) pushes per second and POST /job latency; no waiting for dispatch."""
     n = ctx.n("push")
     worker = ctx.worker()
-    server = ctx.server(side, "push", ctx.config("push", n))
+    server = ctx.server(side, "push", ctx.config("push", n, side))
     meter = CpuMeter(server=server.proc, worker=worker.proc).start()
     res, acked = push(server, worker, n, ctx.opts, ctx.opts.timeout)
     lat = res.latencies()
@@ -508,8 +681,9 @@ def sc_push(ctx, side):
     w = None
     if shutil.which("wrk"):
         server.stop()
-        server2 = ctx.server(side, "push", ctx.config("push", n))
-        w = wrk(f"http://{HOST}:{server2.port}/job", ctx.opts.baseline_seconds, ctx.opts.concurrency, ctx.workdir, post=job)
+        server2 = ctx.server(side, "push", ctx.config("push", n, side))
+        w = wrk(f"http://{HOST}:{server2.port}/job", ctx.opts.baseline_seconds, ctx.opts.concurrency, ctx.workdir, post=job,
+                headers=server2.auth)
     figures["wrk_pushes_per_s"] = r(w[0]) if w else None
     figures["client_vs_wrk"] = r(figures["pushes_per_s"] / w[0], 2) if w else None
     if ctx.baseline_rps:  # this round's trivial-app rate: issue 6 wants durable push >= 60% of it
@@ -517,11 +691,13 @@ def sc_push(ctx, side):
     return figures
 
 
-def push_and_deliver(ctx, server, worker, n):
+def push_and_deliver(ctx, server, worker, n, batch_size=None):
     """Push n jobs under a CPU meter and wait until the worker has them (e2e and slow)."""
     t_end = time.monotonic() + ctx.opts.timeout
     meter = CpuMeter(server=server.proc, worker=worker.proc).start()
-    res, acked = push(server, worker, n, ctx.opts, ctx.opts.timeout)
+    jobs = [job_dict(worker, i) for i in range(n)]
+    res, acked = push_jobs(server, jobs, ctx.opts, ctx.opts.timeout, batch_size, ctx.opts.batch_concurrency if batch_size else None)
+    acked = [(sent, job_id) for sent, job_id, _ in acked]
     push_end = time.monotonic()
     t_start = min(s for s, _ in acked) if acked else push_end
     arrivals = wait_delivered(worker, server, [i for _, i in acked], t_end)
@@ -531,11 +707,18 @@ def push_and_deliver(ctx, server, worker, n):
 def sc_e2e(ctx, side):
     """Push n jobs until the worker has every one and the last reads success."""
     n = ctx.n("e2e")
+    return run_e2e(ctx, side, "e2e", ctx.config("e2e", n, side), n)
+
+
+def run_e2e(ctx, side, scenario, config, n, batch_size=None):
+    """The e2e measurement on a fresh server and worker: pushes one by one, or in batches."""
     worker = ctx.worker()
-    server = ctx.server(side, "e2e", ctx.config("e2e", n))
-    meter, res, acked, t_start, push_end, arrivals, t_end = push_and_deliver(ctx, server, worker, n)
+    server = ctx.server(side, scenario, config)
+    meter, res, acked, t_start, push_end, arrivals, t_end = push_and_deliver(ctx, server, worker, n, batch_size)
     complete = bool(acked) and all(i in arrivals for _, i in acked)
-    done = complete and wait_finished(server, acked[-1][1], t_end) == "success"
+    # Batches are acknowledged in any order: the job to watch is the highest id, the last stored.
+    last = max((i for _, i in acked), key=int, default=None)
+    done = complete and wait_finished(server, last, t_end) == "success"
     t_done = time.monotonic()
     cpu = meter.figures()
     lat = [arrivals[i][1] - sent for sent, i in acked if i in arrivals]
@@ -549,6 +732,7 @@ def sc_e2e(ctx, side):
     }
     figures.update(cpu)
     figures.update(delivery_figures(acked, arrivals))
+    figures["signed"] = worker.stats()["signed"]  # worker requests that carried a signature
     return figures
 
 
@@ -557,7 +741,7 @@ def sc_slow(ctx, side):
     n = ctx.n("slow")
     sleep_s = ctx.opts.slow_ms / 1000.0
     worker = ctx.worker(sleep_ms=ctx.opts.slow_ms)
-    server = ctx.server(side, "slow", ctx.config("slow", n))
+    server = ctx.server(side, "slow", ctx.config("slow", n, side))
     meter, res, acked, t_start, push_end, arrivals, t_end = push_and_deliver(ctx, server, worker, n)
     idle = wait_idle(server, t_end)
     t_done = time.monotonic()
@@ -582,7 +766,7 @@ def sc_slow(ctx, side):
 def populate(ctx, side, scenario):
     """A server holding n finished jobs; shared by memory and list within one round."""
     n = ctx.n(scenario)
-    config = ctx.config(scenario, n)
+    config = ctx.config(scenario, n, side)
     key = (side, n, json.dumps(config, sort_keys=True))
     if key in ctx.populated:
         return ctx.populated[key]
@@ -628,24 +812,32 @@ def sc_memory(ctx, side):
     return figures
 
 
-# (label, path, how many jobs the page must hold given n stored jobs; odd i are named foo-*)
+# (label, path, how many jobs the page must hold given n stored jobs; odd i are named foo-*).
+# The last two match nothing, so each request scans every stored job: the case where a slow
+# regex engine or a scan that never yields would stall the server (hardening issue, item 1).
 LIST_QUERIES = [
     ("first100", "/job?limit=100", lambda n: min(100, n)),
     ("reverse100", "/job?limit=100&reverse=true", lambda n: min(100, n)),
     ("name_foo", "/job?limit=100&name=%5Efoo", lambda n: min(100, n // 2)),
     ("nomatch_scan", "/job?limit=100&name=%5Enomatch-", lambda n: 0),
+    ("term_nomatch_scan", "/job?limit=100&term=%5Enomatch-", lambda n: 0),
 ]
 
 
 def sc_list(ctx, side):
-    """Latency of `GET /job` pages over n stored jobs, including a filter that matches nothing."""
+    """Latency of `GET /job` pages over n stored jobs, and of `GET /` asked alongside each.
+
+    For each query: p50/p99 of the list request, and the slowest `GET /` that a second
+    connection, asking every 5 ms, got while the list requests ran (a scan must not stall it).
+    """
     info = populate(ctx, side, "list")
     server, n = info["server"], info["n"]
     figures, errors = {}, 0
     for label, path, want in LIST_QUERIES:
-        raw = load.build_request("GET", path)
+        raw = load.build_request("GET", path, headers=server.auth)
         conn = load.Conn(HOST, server.port, timeout=60)
-        times = []
+        times, root_times, running = [], [], [True]
+        poller = gevent.spawn(poll_root, server, root_times, running)
         t_stop = time.monotonic() + ctx.opts.list_seconds
         try:
             while len(times) < ctx.opts.list_reps and (len(times) < 3 or time.monotonic() < t_stop):
@@ -655,17 +847,199 @@ def sc_list(ctx, side):
                 if status != 200 or len(json.loads(body)["jobs"]) != want(n):
                     errors += 1
         finally:
+            running[0] = False
+            poller.join(65)
+            poller.kill()
             conn.close()
         figures[f"{label}_p50_ms"] = ms(statistics.median(times))
+        figures[f"{label}_p99_ms"] = ms(load.percentile(times, 99))
+        figures[f"{label}_root_max_ms"] = ms(max(root_times, default=None))
     figures["errors"] = errors + n - len(info["acked"])
     return figures
 
 
-def wrk(url, seconds, concurrency, workdir, post=None):
+def poll_root(server, times, running):
+    """`GET /` every 5 ms on its own connection while running[0]; appends each latency to times."""
+    raw = load.build_request("GET", "/", headers=server.auth)
+    conn = load.Conn(HOST, server.port, timeout=60)
+    try:
+        while running[0]:
+            t0 = time.monotonic()
+            conn.request(raw)
+            times.append(time.monotonic() - t0)
+            gevent.sleep(0.005)
+    finally:
+        conn.close()
+
+
+def sc_schedule(ctx, side):
+    """n jobs with `runAt` spread evenly over --schedule-spread seconds (SPEC §10.2).
+
+    The window opens --schedule-lead seconds after pushing starts, so that the RSS per scheduled
+    job is read right after pushing, before any job is due. Lateness of a start = its arrival at
+    the worker minus its runAt (minus its push, for a job pushed after its runAt had passed).
+    """
+    n = ctx.n("schedule")
+    opts = ctx.opts
+    worker = ctx.worker()
+    server = ctx.server(side, "schedule", ctx.config("schedule", n, side))
+    batch = opts.batch_size if supports_batch(server) else None
+    lead = opts.schedule_lead if opts.schedule_lead is not None else 2.0 + n / (20000.0 if batch else 2000.0)
+    spread = opts.schedule_spread
+    gevent.sleep(0.5)  # let start-up allocations settle before the idle reading
+    rss0 = server.rss()
+    # One reading of both clocks: runAt is wall time on the wire, the worker's arrivals are monotonic.
+    wall0_ms, mono0 = time.time_ns() // 1_000_000, time.monotonic()
+    run_at_ms = [wall0_ms + int((lead + spread * i / n) * 1000) for i in range(n)]
+    run_at_mono = [mono0 + (t - wall0_ms) / 1000.0 for t in run_at_ms]
+    jobs = [job_dict(worker, i, runAt=rfc3339_ms(t)) for i, t in enumerate(run_at_ms)]
+    meter = CpuMeter(server=server.proc, worker=worker.proc).start()
+    res, acked = push_jobs(server, jobs, opts, opts.timeout, batch, opts.batch_concurrency if batch else None)
+    push_end = time.monotonic()
+    rss1, t_rss = server.rss(), time.monotonic()
+    code, stats = server.get_json("/stats")
+    t_start = min((sent for sent, _, _ in acked), default=push_end)
+    arrivals = wait_delivered(worker, server, [job_id for _, job_id, _ in acked], mono0 + lead + spread + opts.timeout)
+    cpu = meter.figures()
+    late, early, pushed_after_due = [], 0, 0
+    for sent, job_id, i in acked:
+        pushed_after_due += sent > run_at_mono[i]
+        if job_id in arrivals:
+            arrived = arrivals[job_id][1]
+            early += arrived < run_at_mono[i] - 0.01  # 10 ms: the two clocks were read a moment apart
+            late.append(arrived - max(run_at_mono[i], sent))
+    starts = sorted(arrivals[job_id][1] for _, job_id, _ in acked if job_id in arrivals)
+    figures = {
+        "push_batch_size": batch or 1,
+        "lead_s": r(lead, 3),
+        "spread_s": spread,
+        "pushes_per_s": r(len(acked) / (push_end - t_start)) if acked else None,
+        "push_s": r(push_end - t_start, 3),
+        "rss_idle_mb": r(rss0 / 2**20),
+        "rss_mb": r(rss1 / 2**20),
+        "bytes_per_scheduled_job": r((rss1 - rss0) / n, 0),
+        # Jobs already due when RSS was read (their records may have grown): 0 for a clean figure.
+        "due_before_rss": sum(1 for t in run_at_mono if t <= t_rss),
+        "scheduled_at_rss": stats.get("numScheduledJobs") if code == 200 else None,
+        "pushed_after_due": pushed_after_due,
+        "lateness_p50_ms": ms(load.percentile(late, 50)),
+        "lateness_p99_ms": ms(load.percentile(late, 99)),
+        "lateness_max_ms": ms(max(late, default=None)),
+        # Starts per second over the window, against n / spread due per second: a server slower
+        # than the due rate falls behind, and its lateness grows through the window.
+        "starts_per_s": r(len(starts) / (starts[-1] - min(run_at_mono))) if len(starts) > 1 else None,
+        "due_per_s": r(n / spread),
+        "early": early,
+        "errors": n - len(acked) + early,
+        "client_cpu": r(res.cpu, 2),
+    }
+    figures.update(cpu)
+    figures.update(delivery_figures([(sent, job_id) for sent, job_id, _ in acked], arrivals))
+    return figures
+
+
+def sc_batch(ctx, side):
+    """Durable jobs/s acknowledged by `POST /jobs` with --batch-size jobs each; then e2e with batch pushes.
+
+    The push part (dispatchers=2, max_workers=0, as push) checks that every acknowledged job is
+    still stored after a restart; the e2e part (2 x 100, as e2e) runs on a fresh server.
+    """
+    n = ctx.n("batch")
+    opts = ctx.opts
+    worker = ctx.worker()
+    server = ctx.server(side, "batch", ctx.config("batch", n, side))
+    jobs = [job_dict(worker, i) for i in range(n)]
+    meter = CpuMeter(server=server.proc, worker=worker.proc).start()
+    res, acked = push_jobs(server, jobs, opts, opts.timeout, opts.batch_size, opts.batch_concurrency)
+    cpu = meter.figures()
+    t_start = min((sent for sent, _, _ in acked), default=0.0)
+    push_end = max((sent + lat for sent, lat in zip(res.sent, res.latency) if lat is not None), default=t_start)
+    lat = res.latencies()
+    # Durable means still there after a restart: stop, start on the same data, read every id back.
+    server.stop()
+    server.start()
+    stored = stored_jobs(server, time.monotonic() + opts.timeout)
+    acked_ids = {job_id for _, job_id, _ in acked}
+    figures = {
+        "jobs_per_s": r(len(acked) / (push_end - t_start)) if push_end > t_start else None,
+        "batch_p50_ms": ms(load.percentile(lat, 50)),
+        "batch_p99_ms": ms(load.percentile(lat, 99)),
+        "client_cpu": r(res.cpu, 2),
+    } | cpu
+    figures["lost"] = len(acked_ids - set(stored))
+    figures["unexpected"] = len(set(stored) - acked_ids)
+    figures["push_errors"] = n - len(acked)
+    server.stop()
+    worker.close()
+    e2e = run_e2e(ctx, side, "batch", ctx.config("batch", n, side, base="batch_e2e"), n, opts.batch_size)
+    figures.update({f"e2e_{k}": v for k, v in e2e.items() if k not in ("lost", "duplicates", "unexpected", "errors")})
+    figures["lost"] += e2e["lost"]
+    figures["unexpected"] += e2e["unexpected"]
+    figures["duplicates"] = e2e["duplicates"]
+    figures["errors"] = figures.pop("push_errors") + e2e["errors"]
+    return figures
+
+
+def sc_retry(ctx, side):
+    """n jobs with RETRY_POLICY against a worker that fails each job twice, then answers 200.
+
+    Completion time (first push to the worker's last first success) against the ideal: 3n
+    requests at this server's e2e rate (measured here first, n plain jobs on a fresh server)
+    plus the longest backoff waits of one job. Every job must end `success` after 3 attempts,
+    with one success at the worker and `X-Hq-Attempt` counting its requests.
+    """
+    n = ctx.n("retry")
+    opts = ctx.opts
+    config = ctx.config("retry", n, side)
+    reference = run_e2e(ctx, side, "retry", config, n)
+    ctx.stop_run_objs()  # the reference's processes must not take CPU from the measured run
+    worker = ctx.worker(fail_first=RETRY_FAILS)
+    server = ctx.server(side, "retry", config)
+    jobs = [job_dict(worker, i, retry=RETRY_POLICY) for i in range(n)]
+    t_end = time.monotonic() + opts.timeout
+    meter = CpuMeter(server=server.proc, worker=worker.proc).start()
+    res, acked = push_jobs(server, jobs, opts, opts.timeout)
+    t_start = min((sent for sent, _, _ in acked), default=time.monotonic())
+    done = wait_succeeded(worker, server, len(acked), t_end) if acked else False
+    t_done = time.monotonic()
+    cpu = meter.figures()
+    wait_idle(server, t_end)
+    stored = stored_jobs(server, t_end)
+    successes, stats = worker.successes(), worker.stats()
+    acked_ids = {job_id for _, job_id, _ in acked}
+    rate = reference["jobs_per_s"]
+    ideal = (RETRY_FAILS + 1) * n / rate + RETRY_WAITS_S if rate else None
+    total = t_done - t_start if done else None
+    not_success = sum(1 for job_id in acked_ids if (stored.get(job_id) or (None,))[0] != "success")
+    wrong_attempts = sum(1 for job_id in acked_ids if (stored.get(job_id) or (None, None))[1] != RETRY_FAILS + 1)
+    figures = {
+        "total_s": r(total, 3),
+        "ideal_s": r(ideal, 3),
+        "vs_ideal": r(total / ideal, 2) if total and ideal else None,
+        "e2e_jobs_per_s": rate,  # the reference: n plain jobs, same config
+        "requests": stats["requests"],  # worker requests: (RETRY_FAILS + 1) x n when all is well
+        "pushes_per_s": r(len(acked) / res.elapsed) if res.elapsed else None,
+        "lost": sum(1 for job_id in acked_ids if job_id not in successes),
+        "duplicates": sum(c - 1 for c in successes.values()),  # a job's success answered twice
+        "unexpected": sum(1 for job_id in successes if job_id not in acked_ids),
+        "attempt_mismatches": stats["attemptMismatches"],
+        "not_success": not_success,
+        "wrong_attempts": wrong_attempts,
+        "errors": n - len(acked) + (0 if done else 1) + stats["attemptMismatches"] + not_success + wrong_attempts
+                  + reference["errors"] + reference["lost"] + reference["duplicates"],
+        "client_cpu": r(res.cpu, 2),
+    }
+    figures.update(cpu)
+    return figures
+
+
+def wrk(url, seconds, concurrency, workdir, post=None, headers=None):
     """wrk's requests/s and p50/p99 (s), or None when wrk is not installed. `post`: a JSON body."""
     if not shutil.which("wrk"):
         return None
     cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--latency"]
+    for name, value in (headers or {}).items():
+        cmd += ["-H", f"{name}: {value}"]
     if post is not None:
         script = Path(workdir) / "post.lua"
         lua_body = json.dumps(post.decode())  # a JSON string literal is a valid Lua string literal here
@@ -678,6 +1052,10 @@ def wrk(url, seconds, concurrency, workdir, post=None):
     m = re.search(r"Requests/sec:\s+([\d.]+)", text)
     if not m:
         raise RuntimeError(f"cannot read wrk output:\n{text}")
+    refused = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    if refused:  # wrk counts every answer in its rate, a 401 or 503 too: such a rate means nothing
+        log(f"wrk got {refused.group(1)} non-2xx answers from {url}; its figure is left out")
+        return None
 
     def lat(p):
         mm = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
@@ -735,18 +1113,19 @@ def sc_baseline(ctx, side):
     return figures
 
 
-RUNNERS = {"baseline": sc_baseline, "push": sc_push, "e2e": sc_e2e, "slow": sc_slow, "memory": sc_memory, "list": sc_list}
+RUNNERS = {
+    "baseline": sc_baseline, "push": sc_push, "e2e": sc_e2e, "slow": sc_slow, "memory": sc_memory, "list": sc_list,
+    "schedule": sc_schedule, "batch": sc_batch, "retry": sc_retry,
+}
 
 
 # --- orchestration --------------------------------------------------------------------------
 
 class Context:
-    def __init__(self, opts, workdir):
+    def __init__(self, opts, workdir, sides):
         self.opts = opts
         self.workdir = Path(workdir)
-        self.sides = {"A": (opts.server, opts.server_flavor)}
-        if opts.compare:
-            self.sides["B"] = (opts.compare, opts.compare_flavor)
+        self.sides = sides  # {"A": Side, "B": Side (with --compare)}
         self.sizes = dict(SIZES["quick" if opts.quick else "full"])
         self.sizes.update(opts.sizes)
         self.populated = {}
@@ -757,32 +1136,37 @@ class Context:
     def n(self, scenario):
         return self.sizes[scenario]
 
-    def config(self, scenario, n):
-        cfg = dict(CONFIGS[scenario])
+    def config(self, scenario, n, side="A", base=None):
+        """The scenario's server config (CONFIGS[base or scenario]), then --set, then the side's own."""
+        cfg = dict(CONFIGS[base or scenario])
         if cfg.get("max_workers", 0) is None:
             cfg["max_workers"] = max(n, 1)
         cfg["queues"] = max(8192, n)  # a queue that holds the whole run, for every server alike
-        for key, value in self.opts.set:
+        for key, value in self.opts.set + self.sides[side].sets:
             scope, _, name = key.rpartition(".")
             if not scope or scope == scenario:
                 cfg[name] = value
         return cfg
 
-    def worker(self, sleep_ms=0, trivial=False):
+    def worker(self, sleep_ms=0, trivial=False, fail_first=0):
         self._seq += 1
-        w = Worker(self.workdir, sleep_ms, trivial, name=f"worker{self._seq}")
+        w = Worker(self.workdir, sleep_ms, trivial, name=f"worker{self._seq}", fail_first=fail_first)
         log(f"started worker{self._seq} pid {w.proc.pid}")
         self._run_objs.append(w)
         return w
 
     def server(self, side, scenario, config, keep=False):
         self._seq += 1
-        template, flavor = self.sides[side]
-        srv = Server(template, flavor, self.workdir, f"{scenario}-{side}-{self._seq}", config, self.opts.profile)
+        srv = Server(self.sides[side], self.workdir, f"{scenario}-{side}-{self._seq}", config, self.opts.profile)
         srv.start()
         if not keep:
             self._run_objs.append(srv)
         return srv
+
+    def stop_run_objs(self):
+        """Stop this run's processes so far (their data dirs go at end_run)."""
+        for obj in self._run_objs:
+            obj.stop() if isinstance(obj, Server) else obj.close()
 
     def end_run(self):
         """Stop the processes of one scenario run and drop its data dirs."""
@@ -877,7 +1261,14 @@ def build_parser():
     p = argparse.ArgumentParser(prog="python3 -m bench", description="Load-test an HQ-compatible job queue server.")
     p.add_argument("scenarios", nargs="*", help=f"which to run (default: all): {' '.join(SCENARIOS)}")
     p.add_argument("--server", default=DEFAULT_SERVER, help="server command template with {config} (default: hq-gevent)")
-    p.add_argument("--compare", help="a second server command template; runs A and B alternately")
+    p.add_argument("--compare", help="a second server command template (`same`: the --server one); runs A and B alternately")
+    for side, opt in (("A", "server"), ("B", "compare")):
+        p.add_argument(f"--{opt}-dir", metavar="DIR", help=f"side {side} imports hq_gevent from this checkout (and runs in it)")
+        p.add_argument(f"--{opt}-ref", metavar="REF", help=f"side {side} runs this commit of this repository (exported with git archive)")
+        p.add_argument(f"--set-{side.lower()}", action="append", type=parse_set, default=[], metavar="[SCENARIO.]KEY=VALUE",
+                       help=f"like --set, for side {side} only")
+    p.add_argument("--secure", choices=["A", "B"], action="append", default=[],
+                   help="that side's servers get an API token (which the bench's clients send) and a signing secret")
     p.add_argument("--server-flavor", default="auto", choices=["auto", "hq-gevent", "hq1"],
                    help="hq1 omits config keys a 1.x server does not know (auto: by the command's name)")
     p.add_argument("--compare-flavor", default="auto", choices=["auto", "hq-gevent", "hq1"])
@@ -887,6 +1278,11 @@ def build_parser():
     p.add_argument("--set", action="append", type=parse_set, default=[], metavar="[SCENARIO.]KEY=VALUE",
                    help="override a server config key (value as JSON, else a string)")
     p.add_argument("--concurrency", type=int, default=64, help="client connections (default 64)")
+    p.add_argument("--batch-size", type=int, default=100, help="jobs per POST /jobs in batch and schedule (default 100)")
+    p.add_argument("--batch-concurrency", type=int, default=16, help="client connections for batch pushes (default 16)")
+    p.add_argument("--schedule-spread", type=float, default=10.0, help="seconds the schedule scenario's runAt spread over (default 10)")
+    p.add_argument("--schedule-lead", type=float, default=None,
+                   help="seconds from the first push to the first runAt (default: 2 + the expected push time)")
     p.add_argument("--slow-ms", type=float, default=1000, help="worker hold time in the slow scenario (default 1000)")
     p.add_argument("--baseline-seconds", type=float, default=None, help="per baseline measurement (default 3; 1 with --quick)")
     p.add_argument("--list-reps", type=int, default=20, help="max repetitions per list query")
@@ -904,6 +1300,15 @@ def main(argv=None):
         if name not in SCENARIOS:
             build_parser().error(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}")
     scenarios = [s for s in SCENARIOS if s in (opts.scenarios or SCENARIOS)]
+    if opts.compare == "same":
+        opts.compare = opts.server
+    if not opts.compare and (opts.compare_dir or opts.compare_ref):
+        opts.compare = DEFAULT_SERVER
+    if not opts.compare and (opts.set_b or "B" in opts.secure):
+        build_parser().error("--set-b and --secure B need --compare (`--compare same`: the same command as --server)")
+    for side, opt in (("A", "server"), ("B", "compare")):
+        if getattr(opts, f"{opt}_dir") and getattr(opts, f"{opt}_ref"):
+            build_parser().error(f"give --{opt}-dir or --{opt}-ref, not both")
     if opts.rounds is None:
         opts.rounds = 3 if opts.compare else 1
     if opts.compare and opts.rounds < 3:
@@ -921,9 +1326,21 @@ def main(argv=None):
 
     main_greenlet = gevent.getcurrent()
     # SIGTERM behaves like Ctrl-C: unwind through the finally below, which kills every child.
-    gevent.signal_handler(signal.SIGTERM, lambda: main_greenlet.throw(KeyboardInterrupt))
+    def interrupted():
+        log("got SIGTERM")
+        main_greenlet.throw(KeyboardInterrupt)
+
+    gevent.signal_handler(signal.SIGTERM, interrupted)
     workdir = tempfile.mkdtemp(prefix="hq-bench-")
-    ctx = Context(opts, workdir)
+    try:
+        sides = make_sides(opts, workdir)
+    except (RuntimeError, OSError) as exc:
+        log(f"error: {exc}")
+        shutil.rmtree(workdir, ignore_errors=True)
+        return 1
+    for side in sides.values():
+        log(f"side {side.label}: {side.template} in {side.root or ROOT} at {side.commit}")
+    ctx = Context(opts, workdir, sides)
     about = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine()}
     runs = {s: {side: [] for side in ctx.sides} for s in scenarios}
     status = None
@@ -971,6 +1388,28 @@ def main(argv=None):
     return 2 if bad else 0
 
 
+def make_sides(opts, workdir):
+    """Side A (--server) and, with --compare, side B: command, checkout, config overrides."""
+    sides = {}
+    for label, opt in (("A", "server"), ("B", "compare")):
+        template = getattr(opts, opt)
+        if not template:
+            continue
+        root, commit = getattr(opts, f"{opt}_dir"), None
+        if root:
+            root = Path(root).resolve()
+            if not (root / "hq_gevent").is_dir():
+                raise RuntimeError(f"--{opt}-dir {root}: no hq_gevent package there")
+        elif getattr(opts, f"{opt}_ref"):
+            root = Path(workdir) / f"src-{label}"
+            commit = export_ref(getattr(opts, f"{opt}_ref"), root)
+        sets = getattr(opts, f"set_{label.lower()}")
+        if label in opts.secure:
+            sets = [("auth_tokens", [BENCH_TOKEN]), ("signing_secrets", [BENCH_SIGNING_SECRET])] + sets
+        sides[label] = Side(label, template, getattr(opts, f"{opt}_flavor"), root, sets, commit)
+    return sides
+
+
 def summarize(ctx, runs, about):
     """One result per scenario that ran: medians (and A/B ratios) over its rounds."""
     opts, results = ctx.opts, []
@@ -982,16 +1421,20 @@ def summarize(ctx, runs, about):
             res["n"] = ctx.n(scenario)
             for side, key in (("A", "config"), ("B", "config_b")):
                 if side in ctx.sides:
-                    cfg = server_config(ctx.sides[side][1], ctx.config(scenario, res["n"]))
-                    res[key] = {k: v for k, v in cfg.items() if v is not None}
+                    for suffix, base in [("", None)] + ([("_e2e", "batch_e2e")] if scenario == "batch" else []):
+                        cfg = server_config(ctx.sides[side].flavor, ctx.config(scenario, res["n"], side, base))
+                        res[key + suffix] = {k: v for k, v in cfg.items() if v is not None}
         a = median_figures(by_side["A"])
         if by_side.get("B"):
             b = median_figures(by_side["B"])
-            res["a"] = {"server": opts.server, "figures": a, "runs": by_side["A"]}
-            res["b"] = {"server": opts.compare, "figures": b, "runs": by_side["B"]}
+            res["a"] = ctx.sides["A"].describe() | {"figures": a, "runs": by_side["A"]}
+            res["b"] = ctx.sides["B"].describe() | {"figures": b, "runs": by_side["B"]}
             res["ratio"] = {k: (r(a[k] / b[k], 3) if a[k] is not None and b.get(k) else None) for k in a}
         else:
-            res["server"] = None if scenario == "baseline" else opts.server
+            if scenario == "baseline":
+                res["server"] = None
+            else:
+                res.update(ctx.sides["A"].describe())
             res["figures"] = a
             if len(by_side["A"]) > 1:
                 res["runs"] = by_side["A"]

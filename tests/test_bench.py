@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,12 +47,15 @@ def start_worker(*args):
     return proc, f"http://127.0.0.1:{line.rsplit(':', 1)[1].strip()}"
 
 
+OLD_SCENARIOS = ["baseline", "push", "e2e", "slow", "memory", "list"]
+
+
 def test_every_scenario_runs_and_loses_nothing(tmp_path):
     out = tmp_path / "bench.jsonl"
-    args = ["--quick", "--n", "60", "--set", "push.max_workers=3", "--slow-ms", "200", "--baseline-seconds", "0.5"]
+    args = OLD_SCENARIOS + ["--quick", "--n", "60", "--set", "push.max_workers=3", "--slow-ms", "200", "--baseline-seconds", "0.5"]
     proc, results = run_bench(args + ["--list-reps", "3", "--json", str(out)], tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert sorted(results) == sorted(["baseline", "push", "e2e", "slow", "memory", "list"]), proc.stdout
+    assert sorted(results) == sorted(OLD_SCENARIOS), proc.stdout
     for name, res in results.items():
         figures = res["figures"]
         for key in CORRECTNESS:
@@ -65,9 +69,69 @@ def test_every_scenario_runs_and_loses_nothing(tmp_path):
     assert results["push"]["figures"]["vs_baseline"] > 0  # push relative to this run's baseline
     assert results["push"]["config"]["max_workers"] == 3 and results["e2e"]["config"]["max_workers"] == 100
     assert results["push"]["config"]["wal_fsync"] == "always"
+    listing = results["list"]["figures"]
+    for query in ("name_foo", "nomatch_scan", "term_nomatch_scan"):  # the hardening issue's filter variants
+        assert listing[f"{query}_p50_ms"] > 0 and listing[f"{query}_p99_ms"] >= listing[f"{query}_p50_ms"], listing
+        assert listing[f"{query}_root_max_ms"] > 0, listing  # GET / was asked while the scan ran
     # The table is there too, and --json got the same lines.
     assert re.search(r"^e2e\s+lost\s+0$", proc.stdout, re.M), proc.stdout
     assert [json.loads(line)["scenario"] for line in out.read_text().splitlines()] == list(results)
+
+
+def test_new_scenarios_run_and_lose_nothing(tmp_path):
+    # schedule: 40 jobs due over 1 s from 1 s after pushing; batch: 5 batches of 50, then e2e in batches;
+    # retry: 30 jobs that each fail twice, after a 30-job e2e reference run.
+    args = ["schedule", "batch", "retry", "--n", "schedule=40,batch=250,retry=30", "--batch-size", "50",
+            "--schedule-spread", "1", "--schedule-lead", "1"]
+    proc, results = run_bench(args, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(results) == ["batch", "retry", "schedule"], proc.stdout
+    for name, res in results.items():
+        for key in CORRECTNESS:
+            assert res["figures"][key] == 0, (name, res["figures"])
+    sched = results["schedule"]["figures"]
+    assert sched["push_batch_size"] == 50 and sched["early"] == 0, sched
+    assert sched["lateness_p50_ms"] is not None and sched["lateness_p99_ms"] >= sched["lateness_p50_ms"], sched
+    assert sched["due_before_rss"] == 0 and sched["scheduled_at_rss"] == 40, sched  # RSS read before any came due
+    batch = results["batch"]["figures"]
+    assert batch["jobs_per_s"] > 0 and batch["e2e_jobs_per_s"] > 0, batch
+    assert results["batch"]["config"]["max_workers"] == 0 and results["batch"]["config_e2e"]["max_workers"] == 100
+    retry = results["retry"]["figures"]
+    assert retry["requests"] == 90 and retry["attempt_mismatches"] == 0, retry  # 3 attempts each, X-Hq-Attempt right
+    assert retry["not_success"] == 0 and retry["wrong_attempts"] == 0, retry
+    assert retry["total_s"] > 0 and retry["ideal_s"] > 0 and retry["vs_ideal"] > 0, retry
+
+
+def test_compare_runs_each_checkout_and_a_secure_side(tmp_path):
+    # Side B imports a copy of hq_gevent that says another version; side A alone has a token and a
+    # signing secret: its worker requests are signed and the bench's clients must send the token.
+    checkout = tmp_path / "other-checkout"
+    shutil.copytree(ROOT / "hq_gevent", checkout / "hq_gevent", ignore=shutil.ignore_patterns("__pycache__"))
+    init = checkout / "hq_gevent" / "__init__.py"
+    init.write_text(re.sub(r'__version__ = "[^"]*"', '__version__ = "0.0.0-other"', init.read_text()))
+    proc, results = run_bench(["e2e", "--n", "30", "--compare-dir", str(checkout), "--secure", "A"], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = results["e2e"]
+    assert res["b"]["dir"] == str(checkout) and res["b"]["version"]["version"] == "0.0.0-other", res["b"]
+    assert res["a"]["version"]["version"] != "0.0.0-other"
+    assert res["config"]["auth_tokens"] and "auth_tokens" not in res["config_b"]
+    assert all(run["signed"] == 30 for run in res["a"]["runs"]), res["a"]["runs"]
+    assert all(run["signed"] == 0 for run in res["b"]["runs"]), res["b"]["runs"]
+    assert "not in force" not in proc.stderr  # the server refused requests without the token
+    assert re.findall(r"e2e \[(A|B)\] round \d+/", proc.stderr) == ["A", "B"] * 3
+    # --set-b without a B side is a usage error.
+    assert run_bench(["e2e", "--set-b", "dispatchers=1"], tmp_path)[0].returncode == 2
+
+
+def test_compare_ref_runs_a_commit_of_this_repository(tmp_path):
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True)
+    if head.returncode:
+        pytest.skip("not a git checkout")
+    proc, results = run_bench(["e2e", "--n", "20", "--compare-ref", "HEAD"], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = results["e2e"]
+    assert res["b"]["commit"] == head.stdout.strip() and res["b"]["dir"].endswith("src-B"), res["b"]
+    assert run_bench(["e2e", "--compare-ref", "no-such-ref-anywhere"], tmp_path)[0].returncode == 1
 
 
 def test_compare_alternates_and_reports_ratios(tmp_path):
@@ -144,10 +208,29 @@ def test_worker_counts_duplicates_and_concurrency():
         for t in threads:
             t.join(10)
         stats = s.get(url + "/stats", timeout=5).json()
-        assert stats == {"requests": 7, "unique": 6, "duplicates": 1, "noId": 0, "inFlight": 0, "maxConcurrency": 5}, stats
+        assert stats == {"requests": 7, "unique": 6, "duplicates": 1, "noId": 0, "inFlight": 0, "maxConcurrency": 5,
+                         "signed": 0, "successIds": 0, "duplicateSuccesses": 0, "attemptMismatches": 0}, stats
         assert s.get(url + "/arrivals", timeout=5).json()["7"][0] == 2
         s.post(url + "/reset", timeout=5)
         assert s.get(url + "/stats", timeout=5).json()["requests"] == 0
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_failing_worker_fails_twice_then_counts_successes():
+    proc, url = start_worker("--fail-first", "2")
+    try:
+        s = requests.Session()
+        codes = [s.post(url + "/job", headers={"X-Hq-Job-Id": "9", "X-Hq-Attempt": str(k)}, timeout=5).status_code for k in (1, 2, 3)]
+        assert codes == [500, 500, 200]
+        # A fourth request is a duplicate success, and its attempt header (3) is not its count (4).
+        assert s.post(url + "/job", headers={"X-Hq-Job-Id": "9", "X-Hq-Attempt": "3"}, timeout=5).status_code == 200
+        s.post(url + "/job", headers={"X-Hq-Job-Id": "10", "webhook-signature": "v1,x"}, timeout=5)  # no X-Hq-Attempt
+        stats = s.get(url + "/stats", timeout=5).json()
+        assert stats["successIds"] == 1 and stats["duplicateSuccesses"] == 1, stats
+        assert stats["attemptMismatches"] == 2 and stats["signed"] == 1, stats
+        assert s.get(url + "/successes", timeout=5).json() == {"9": 2}
     finally:
         proc.terminate()
         proc.wait(10)
