@@ -171,10 +171,6 @@ class RequestHeaders:
 
     getheader = get
 
-    def __delitem__(self, name):
-        name = name.lower()
-        self.fields = [field for field in self.fields if field[0].lower() != name]
-
     @property
     def headers(self):
         return [f"{key}: {value}\r\n" for key, value in self.fields]
@@ -220,9 +216,6 @@ class AccessLogHandler(WSGIHandler):
     requests_handled = 0
     linger = False
 
-    def MessageClass(self, fp, *args):
-        return RequestHeaders(fp)
-
     def handle(self):
         try:
             self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -238,9 +231,11 @@ class AccessLogHandler(WSGIHandler):
     def handle_one_request(self):
         if self.rfile.closed:
             return None
-        if self.requests_handled and not self._next_request_arrives():
-            return None
-        self.environ = self.command = self.path = None  # the access line of a refusal must not show the last request
+        if self.requests_handled:
+            if not self._next_request_arrives():
+                return None
+            self.time_start = time.time()  # a refusal's latency starts when its request does
+        self.environ = self.command = self.path = None  # a refusal's access line must not show the last request
         self.head_deadline.start()
         try:
             result = super().handle_one_request()
