@@ -4,6 +4,8 @@ Nothing here is mocked: the server is `python -m hq_gevent serve -c <toml>` on a
 loopback port, and the worker app is a threaded HTTP server that records what it receives.
 """
 import http.server
+import importlib.util
+import itertools
 import json
 import os
 import signal
@@ -20,6 +22,67 @@ import toml
 
 ROOT = Path(__file__).resolve().parent.parent
 FINISHED = ("success", "failure", "canceled", "unknown")
+
+# --- the two stores (SPEC §13) ---------------------------------------------------------------
+# These modules run twice: on the write-ahead log, and on PostgreSQL (a fresh database of one
+# throwaway cluster per HQServer). HQServer picks the store of the running parametrization.
+BOTH_STORES = ("test_api", "test_dispatch", "test_retry", "test_list")
+_store = {"kind": "wal", "cluster": None}
+_databases = itertools.count()
+
+
+def pytest_generate_tests(metafunc):
+    if "hq_store" in metafunc.fixturenames and metafunc.module.__name__.rpartition(".")[2] in BOTH_STORES:
+        metafunc.parametrize("hq_store", ["wal", "postgresql"], indirect=True, scope="module")
+
+
+def require_postgresql():
+    """Skip without PostgreSQL or psycopg, except in CI where either missing is a failure."""
+    from pgcluster import find_bin_dir
+
+    missing = None
+    if find_bin_dir() is None:
+        missing = "PostgreSQL's server (initdb)"
+    elif importlib.util.find_spec("psycopg") is None or importlib.util.find_spec("psycopg_pool") is None:
+        missing = "psycopg and psycopg_pool"
+    if missing is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{missing} is required in CI; .ci/deps.sh and setup.py's test extra install it")
+    pytest.skip(f"{missing} not installed")
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """One throwaway PostgreSQL cluster for the whole run (initdb in a temp dir, a free loopback port)."""
+    require_postgresql()
+    from pgcluster import PGCluster
+
+    cluster = PGCluster(durable=False).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hq_store(request):
+    """"wal", or "postgresql" for the second run of the BOTH_STORES modules."""
+    kind = getattr(request, "param", "wal")
+    _store["kind"] = kind
+    _store["cluster"] = request.getfixturevalue("pg_cluster") if kind == "postgresql" else None
+    yield kind
+    _store["kind"], _store["cluster"] = "wal", None
+
+
+@pytest.fixture(scope="module")
+def tmp_path_factory(tmp_path_factory, hq_store):
+    """The same factory, made to depend on hq_store: a module's own fixtures that build a server
+    from it (test_api's `srv`, test_list's `listed`) are built again for the other store."""
+    return tmp_path_factory
+
+
+def fresh_database(name="hq"):
+    """A new empty database on the session's cluster: its DSN."""
+    return _store["cluster"].create_database(f"{name}_{os.getpid()}_{next(_databases)}")
 
 
 def free_port():
@@ -51,6 +114,8 @@ class HQServer:
             "shutdown_timeout": 5,
         }
         self.config.update(config or {})
+        if _store["kind"] == "postgresql" and "store" not in self.config:
+            self.config.update(store="postgresql", postgresql_dsn=fresh_database())
         self.config_path = self.tmp_path / f"{name}.toml"
         self.log_path = self.tmp_path / f"{name}.log"
         self.env = env or {}
