@@ -6,6 +6,8 @@ from setuptools import find_packages, setup
 here = Path(__file__).parent
 version = re.search(r'__version__ = "([^"]+)"', (here / "hq_gevent" / "__init__.py").read_text()).group(1)
 
+POSTGRESQL = ["psycopg[binary,pool]>=3.2"]
+
 setup(
     name="hq-gevent",
     version=version,
@@ -32,7 +34,10 @@ setup(
         "prometheus_client>=0.17",
     ],
     extras_require={
-        "test": ["pytest>=7", "playwright>=1.40", "hypothesis>=6.80", "standardwebhooks>=1.0"],
+        # store = "postgresql" (SPEC §13): psycopg is imported only then. 3.2 for notifies(timeout=);
+        # gevent cooperation is documented from 3.1.14 on.
+        "postgresql": POSTGRESQL,
+        "test": ["pytest>=7", "playwright>=1.40", "hypothesis>=6.80", "standardwebhooks>=1.0", *POSTGRESQL],
     },
     entry_points={"console_scripts": ["hq-gevent = hq_gevent.cli:main"]},
     classifiers=[
