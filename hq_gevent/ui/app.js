@@ -442,6 +442,7 @@
     async function load(userAction) {
       clearTimeout(timer);
       timer = null;
+      if (!view.isConnected) return; // a timer that outlived the view (sign-in replaced it)
       const gen = ++generation; // answers to an older request are dropped
       const q = new URLSearchParams({ limit: String(st.limit), reverse: st.reverse ? "1" : "0" });
       if (st.name) q.set("name", st.name);
@@ -627,7 +628,8 @@
     if (!r || typeof r !== "object") return scalarText(r);
     const parts = [r.maxAttempts === 1 ? "1 attempt (no retry)" : "up to " + r.maxAttempts + " attempts"];
     if (r.maxAttempts !== 1) {
-      parts.push("backoff " + secondsText(r.minBackoff) + " to " + secondsText(r.maxBackoff));
+      parts.push(r.minBackoff === r.maxBackoff ? "backoff " + secondsText(r.minBackoff)
+        : "backoff " + secondsText(r.minBackoff) + " to " + secondsText(r.maxBackoff));
       parts.push(r.maxRetryDuration > 0 ? "retries stop " + secondsText(r.maxRetryDuration) + " after the first attempt" : "no time limit");
     }
     return parts.join(" · ");
@@ -790,6 +792,7 @@
     async function load() {
       clearTimeout(timer);
       timer = null;
+      if (!view.isConnected) return; // a timer that outlived the view (sign-in replaced it)
       try {
         job = await api("GET", "/job/" + encodeURIComponent(id));
       } catch (e) {
