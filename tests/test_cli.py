@@ -51,7 +51,7 @@ def finished_job(server, **job):
 
 # --- no server needed ---------------------------------------------------------------------
 def test_version_and_each_command_documents_its_flags():
-    assert ok("-v").strip() == "hq-gevent 0.1.0"
+    assert ok("-v").strip() == "hq-gevent 0.2.0"
     expect = {
         "push": ["--url", "--payload", "--name", "--comment", "--header", "--timeout", "--address", "--token",
                  "--cacert", "--retry", "--min-backoff", "--max-backoff", "--delay", "--run-at", "--unique-key"],

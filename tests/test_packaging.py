@@ -50,6 +50,11 @@ PACKAGED = {
     "/var/lib/hq-gevent",
     "/var/log/hq-gevent",
     TOKENS,
+    # Operations files for Prometheus and Grafana (README "Observability").
+    "/usr/share/hq-gevent",
+    "/usr/share/hq-gevent/prometheus.yml",
+    "/usr/share/hq-gevent/hq-gevent-alerts.yml",
+    "/usr/share/hq-gevent/grafana-dashboard.json",
     f"{VENV}/bin/hq-gevent",
     f"{VENV}/bin/python",
     f"{VENV}/pyvenv.cfg",
@@ -94,7 +99,7 @@ def test_config_file_lists_every_key_with_production_values():
     # dispatchers defaults to the number of CPUs, which a file cannot say, and a TOML file cannot say
     # "unset" for the optional files: they are shown commented out.
     commented = set(re.findall(r"^#\s*([a-z_]+)\s*=", text, re.M))
-    assert commented == {"dispatchers", "auth_read_tokens_file", "tls_cert_file", "tls_key_file"}
+    assert commented == {"dispatchers", "auth_read_tokens_file", "tls_cert_file", "tls_key_file", "postgresql_dsn"}
     assert set(parsed) | commented == keys, f"missing: {keys - set(parsed) - commented}"
     for key, value in PRODUCTION.items():
         assert parsed[key] == value
