@@ -875,40 +875,54 @@ def poll_root(server, times, running):
 def sc_schedule(ctx, side):
     """n jobs with `runAt` spread evenly over --schedule-spread seconds (SPEC §10.2).
 
-    The window opens --schedule-lead seconds after pushing starts, so that the RSS per scheduled
-    job is read right after pushing, before any job is due. Lateness of a start = its arrival at
-    the worker minus its runAt (minus its push, for a job pushed after its runAt had passed).
+    The window opens `lead` seconds after pushing starts, so that the RSS per scheduled job is
+    read right after pushing, before any job is due. Unless --schedule-lead fixes it, the lead is
+    1.5 x the push time expected from a calibration push first (n/20 jobs, at least 100, due in an
+    hour: they count in the RSS figure, then are stopped, and must never reach the worker).
+    Lateness of a start = its arrival at the worker minus its runAt (minus its push, for a job
+    pushed after its runAt had passed).
     """
     n = ctx.n("schedule")
     opts = ctx.opts
     worker = ctx.worker()
     server = ctx.server(side, "schedule", ctx.config("schedule", n, side))
     batch = opts.batch_size if supports_batch(server) else None
-    lead = opts.schedule_lead if opts.schedule_lead is not None else 2.0 + n / (20000.0 if batch else 2000.0)
+    conc = opts.batch_concurrency if batch else None
     spread = opts.schedule_spread
     gevent.sleep(0.5)  # let start-up allocations settle before the idle reading
     rss0 = server.rss()
+    meter = CpuMeter(server=server.proc, worker=worker.proc).start()
+    calibration, lead = [], opts.schedule_lead
+    if lead is None:
+        later = rfc3339_ms(time.time_ns() // 1_000_000 + 3600_000)
+        jobs = [job_dict(worker, n + i, runAt=later) for i in range(min(n, max(100, n // 20)))]
+        res, acked = push_jobs(server, jobs, opts, opts.timeout, batch, conc)
+        calibration = [job_id for _, job_id, _ in acked]
+        lead = 2.0 + 1.5 * n * res.elapsed / max(1, len(calibration))
     # One reading of both clocks: runAt is wall time on the wire, the worker's arrivals are monotonic.
     wall0_ms, mono0 = time.time_ns() // 1_000_000, time.monotonic()
     run_at_ms = [wall0_ms + int((lead + spread * i / n) * 1000) for i in range(n)]
     run_at_mono = [mono0 + (t - wall0_ms) / 1000.0 for t in run_at_ms]
     jobs = [job_dict(worker, i, runAt=rfc3339_ms(t)) for i, t in enumerate(run_at_ms)]
-    meter = CpuMeter(server=server.proc, worker=worker.proc).start()
-    res, acked = push_jobs(server, jobs, opts, opts.timeout, batch, opts.batch_concurrency if batch else None)
+    res, acked = push_jobs(server, jobs, opts, opts.timeout, batch, conc)
     push_end = time.monotonic()
     rss1, t_rss = server.rss(), time.monotonic()
     code, stats = server.get_json("/stats")
+    stops = [load.build_request("POST", f"/job/{job_id}/stop", None, server.auth) for job_id in calibration]
+    stopped = load.run(HOST, server.port, stops, opts.concurrency, opts.timeout)
     t_start = min((sent for sent, _, _ in acked), default=push_end)
     arrivals = wait_delivered(worker, server, [job_id for _, job_id, _ in acked], mono0 + lead + spread + opts.timeout)
     cpu = meter.figures()
-    late, early, pushed_after_due = [], 0, 0
+    late, early, pushed_after_due, due = [], 0, 0, []
     for sent, job_id, i in acked:
         pushed_after_due += sent > run_at_mono[i]
         if job_id in arrivals:
             arrived = arrivals[job_id][1]
             early += arrived < run_at_mono[i] - 0.01  # 10 ms: the two clocks were read a moment apart
             late.append(arrived - max(run_at_mono[i], sent))
-    starts = sorted(arrivals[job_id][1] for _, job_id, _ in acked if job_id in arrivals)
+            due.append((max(run_at_mono[i], sent), arrived))
+    due.sort()
+    rate = len(due) / (max(a for _, a in due) - due[0][0]) if len(due) > 1 else None
     figures = {
         "push_batch_size": batch or 1,
         "lead_s": r(lead, 3),
@@ -917,7 +931,7 @@ def sc_schedule(ctx, side):
         "push_s": r(push_end - t_start, 3),
         "rss_idle_mb": r(rss0 / 2**20),
         "rss_mb": r(rss1 / 2**20),
-        "bytes_per_scheduled_job": r((rss1 - rss0) / n, 0),
+        "bytes_per_scheduled_job": r((rss1 - rss0) / (n + len(calibration)), 0),
         # Jobs already due when RSS was read (their records may have grown): 0 for a clean figure.
         "due_before_rss": sum(1 for t in run_at_mono if t <= t_rss),
         "scheduled_at_rss": stats.get("numScheduledJobs") if code == 200 else None,
@@ -925,17 +939,29 @@ def sc_schedule(ctx, side):
         "lateness_p50_ms": ms(load.percentile(late, 50)),
         "lateness_p99_ms": ms(load.percentile(late, 99)),
         "lateness_max_ms": ms(max(late, default=None)),
-        # Starts per second over the window, against n / spread due per second: a server slower
-        # than the due rate falls behind, and its lateness grows through the window.
-        "starts_per_s": r(len(starts) / (starts[-1] - min(run_at_mono))) if len(starts) > 1 else None,
+        # Starts per second from the first due time to the last start, against n / spread due per
+        # second: a server slower than the due rate falls behind, and its lateness grows through
+        # the window. lateness_beyond_rate: each start against a FIFO server that starts jobs at
+        # exactly that rate, so what is left is the timer's own delay, not the server's speed.
+        "starts_per_s": r(rate),
         "due_per_s": r(n / spread),
+        "lateness_beyond_rate_p99_ms": ms(load.percentile(beyond_rate(due, rate), 99)) if rate else None,
         "early": early,
-        "errors": n - len(acked) + early,
+        "errors": n - len(acked) + early + len(calibration) - sum(1 for st in stopped.status if st == 200),
         "client_cpu": r(res.cpu, 2),
     }
     figures.update(cpu)
     figures.update(delivery_figures([(sent, job_id) for sent, job_id, _ in acked], arrivals))
     return figures
+
+
+def beyond_rate(due, rate):
+    """For (due time, start) pairs in due order: each start minus its start on a FIFO server at `rate`/s."""
+    out, model = [], float("-inf")
+    for due_at, started in due:
+        model = max(due_at, model + 1.0 / rate)
+        out.append(started - model)
+    return out
 
 
 def sc_batch(ctx, side):
@@ -1018,6 +1044,7 @@ def sc_retry(ctx, side):
         "vs_ideal": r(total / ideal, 2) if total and ideal else None,
         "e2e_jobs_per_s": rate,  # the reference: n plain jobs, same config
         "requests": stats["requests"],  # worker requests: (RETRY_FAILS + 1) x n when all is well
+        "requests_per_s": r(stats["requests"] / total) if total else None,
         "pushes_per_s": r(len(acked) / res.elapsed) if res.elapsed else None,
         "lost": sum(1 for job_id in acked_ids if job_id not in successes),
         "duplicates": sum(c - 1 for c in successes.values()),  # a job's success answered twice
