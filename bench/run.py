@@ -1288,7 +1288,7 @@ def build_parser():
     p = argparse.ArgumentParser(prog="python3 -m bench", description="Load-test an HQ-compatible job queue server.")
     p.add_argument("scenarios", nargs="*", help=f"which to run (default: all): {' '.join(SCENARIOS)}")
     p.add_argument("--server", default=DEFAULT_SERVER, help="server command template with {config} (default: hq-gevent)")
-    p.add_argument("--compare", help="a second server command template (`same`: the --server one); runs A and B alternately")
+    p.add_argument("--compare", help="a second server command template (`same`: side A's command and checkout); runs A and B alternately")
     for side, opt in (("A", "server"), ("B", "compare")):
         p.add_argument(f"--{opt}-dir", metavar="DIR", help=f"side {side} imports hq_gevent from this checkout (and runs in it)")
         p.add_argument(f"--{opt}-ref", metavar="REF", help=f"side {side} runs this commit of this repository (exported with git archive)")
@@ -1327,8 +1327,11 @@ def main(argv=None):
         if name not in SCENARIOS:
             build_parser().error(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}")
     scenarios = [s for s in SCENARIOS if s in (opts.scenarios or SCENARIOS)]
-    if opts.compare == "same":
+    opts.compare_same = opts.compare == "same"
+    if opts.compare_same:
         opts.compare = opts.server
+        if opts.compare_dir or opts.compare_ref:
+            build_parser().error("--compare same runs side A's checkout; give --compare-dir/--compare-ref with a command instead")
     if not opts.compare and (opts.compare_dir or opts.compare_ref):
         opts.compare = DEFAULT_SERVER
     if not opts.compare and (opts.set_b or "B" in opts.secure):
@@ -1400,6 +1403,7 @@ def main(argv=None):
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
+    about["machine"]["load_avg_at_end"] = round(os.getloadavg()[0], 2)  # other agents may come and go meanwhile
     results = summarize(ctx, runs, about)
     if results:
         report(results, opts, about)
@@ -1423,7 +1427,9 @@ def make_sides(opts, workdir):
         if not template:
             continue
         root, commit = getattr(opts, f"{opt}_dir"), None
-        if root:
+        if label == "B" and opts.compare_same:  # the same server: side A's command and checkout
+            root, commit = sides["A"].root, sides["A"].commit
+        elif root:
             root = Path(root).resolve()
             if not (root / "hq_gevent").is_dir():
                 raise RuntimeError(f"--{opt}-dir {root}: no hq_gevent package there")
@@ -1473,7 +1479,7 @@ def report(results, opts, about):
     """The table on stdout, then one JSON line per scenario (also appended to --json)."""
     m = about["machine"]
     print(f"# {about['when']}  {m['cpu']} x{m['cores']}, {m['mem_gib']} GiB, Linux {m['kernel']}, "
-          f"Python {m['python']}, gevent {m['gevent']}, {m['tmp_fs']}, load {m['load_avg_at_start']}")
+          f"Python {m['python']}, gevent {m['gevent']}, {m['tmp_fs']}, load {m['load_avg_at_start']} -> {m.get('load_avg_at_end')}")
     plain = [res for res in results if "ratio" not in res]
     compared = [res for res in results if "ratio" in res]
     if plain:
