@@ -70,7 +70,7 @@ def test_every_scenario_runs_and_loses_nothing(tmp_path):
     assert results["push"]["config"]["max_workers"] == 3 and results["e2e"]["config"]["max_workers"] == 100
     assert results["push"]["config"]["wal_fsync"] == "always"
     listing = results["list"]["figures"]
-    for query in ("name_foo", "nomatch_scan", "term_nomatch_scan"):  # the hardening issue's filter variants
+    for query in ("name_foo", "nomatch_scan", "term_nomatch_scan", "regex_nomatch_scan"):  # the hardening issue's filter variants
         assert listing[f"{query}_p50_ms"] > 0 and listing[f"{query}_p99_ms"] >= listing[f"{query}_p50_ms"], listing
         assert listing[f"{query}_root_max_ms"] > 0, listing  # GET / was asked while the scan ran
     # The table is there too, and --json got the same lines.
@@ -79,10 +79,10 @@ def test_every_scenario_runs_and_loses_nothing(tmp_path):
 
 
 def test_new_scenarios_run_and_lose_nothing(tmp_path):
-    # schedule: 40 jobs due over 1 s from 1 s after pushing; batch: 5 batches of 50, then e2e in batches;
+    # schedule: 40 jobs due over 1 s from 2 s after pushing; batch: 5 batches of 50, then e2e in batches;
     # retry: 30 jobs that each fail twice, after a 30-job e2e reference run.
     args = ["schedule", "batch", "retry", "--n", "schedule=40,batch=250,retry=30", "--batch-size", "50",
-            "--schedule-spread", "1", "--schedule-lead", "1"]
+            "--schedule-spread", "1", "--schedule-lead", "2"]
     proc, results = run_bench(args, tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert sorted(results) == ["batch", "retry", "schedule"], proc.stdout
