@@ -1,32 +1,93 @@
-"""The job store: every job in an in-memory index (ids ascending), every change through the log.
+"""The job store: a keydir of every job (ids ascending) in memory, every change through the log.
+
+The Bitcask model: each stored job is one row of compact columns (keydir.py) that says where
+its latest record lies in the log; a finished job's payload, headers, output and err are read
+back from there (in the threadpool, a page of jobs in one pass) when a request shows it. Active
+jobs (waiting, scheduled, running) also stay whole in memory: the dispatchers send them, and
+they are few next to the finished ones. Compaction rewrites the log and writes a hint file
+(hint.py) of the keydir, so a start-up replays only the records after it.
 
 A change is applied to memory only once its log record is durable (the WAL calls back in
 log order), so what the API shows never runs ahead of what a restart would load.
 """
 import bisect
 import collections
+import collections.abc
 import contextlib
 import gc
 import logging
 import os
 import time
+from array import array
 
 import gevent
 import gevent.event
 import gevent.queue
+import ujson
 
-from hq_gevent import retry, wal
+from hq_gevent import hint, retry, wal
 from hq_gevent.ids import EPOCH_MS, SEQUENCE_BITS, SERVER_ID_BITS, IdGenerator, now_ms, timestamp_ms
 from hq_gevent.job import STATUSES, Job
+from hq_gevent.keydir import ACTIVE, Keydir, status_table
 from hq_gevent.metrics import Metrics
 from hq_gevent.schedule import Schedule
-from hq_gevent.storage import JobConflict, JobNotFound
+from hq_gevent.storage import JobConflict, JobNotFound, StoreUnavailable
 
 log = logging.getLogger("hq_gevent")
 
 LOG_NAME = "jobs.jsonl"
+HINT_NAME = "jobs.hint"
 SCAN_SLICE_SECONDS = 0.02  # a list scan yields this often (SPEC §11: at least every 50 ms)
-SCAN_CHECK_EVERY = 64  # jobs examined between looks at the clock
+SCAN_BLOCK = 4096  # rows prefiltered at once (column masks) between looks at the clock
+SNAPSHOT_CHUNK = 1000
+OLD_READER_SECONDS = 60  # a replaced log stays readable this long for reads planned before
+_ACTIVE_ROWS = bytes(1 if flags & ACTIVE else 0 for flags in range(256))
+
+
+class Row:
+    """A finished job as a list filter sees it, from the keydir alone (no log read)."""
+    __slots__ = ("id", "name", "comment", "url", "status")
+
+    def __init__(self, job_id, name, comment, url, status):
+        self.id, self.name, self.comment, self.url, self.status = job_id, name, comment, url, status
+
+
+class StoredIds(collections.abc.Sequence):
+    """The stored ids, ascending (a read-only view of the keydir's column)."""
+
+    def __init__(self, keydir_of):
+        self._keydir_of = keydir_of
+
+    def __len__(self):
+        return len(self._keydir_of().ids)
+
+    def __getitem__(self, i):
+        return self._keydir_of().ids[i]
+
+    def __eq__(self, other):
+        return list(self) == list(other)
+
+
+class StoredJobs(collections.abc.Mapping):
+    """Every stored job by id: a job not active is read from the log on each access."""
+
+    def __init__(self, store):
+        self._store = store
+
+    def __len__(self):
+        return len(self._store.keydir)
+
+    def __iter__(self):
+        return iter(self._store.keydir.ids.tolist())
+
+    def __contains__(self, job_id):
+        return job_id in self._store.active or self._store.keydir.find(job_id) is not None
+
+    def __getitem__(self, job_id):
+        try:
+            return self._store.get(job_id)
+        except JobNotFound:
+            raise KeyError(job_id) from None
 
 
 class Store:
@@ -34,11 +95,17 @@ class Store:
         self.config = config
         self.metrics = metrics or Metrics(lambda: {})
         self.loaded = False
-        self.jobs = {}
-        self.ids = []  # sorted: ids grow in push order, so this is also creation order
+        self.keydir = Keydir()  # every stored job, ids ascending (= creation order)
+        self.active = {}  # job id -> Job, for each waiting or running job
+        self.jobs = StoredJobs(self)
+        self.ids = StoredIds(lambda: self.keydir)
         self.ids_gen = IdGenerator(config.server_id)
         self.wal = wal.WriteAheadLog(os.path.join(data_dir, LOG_NAME), config.wal_fsync, self.metrics)
+        self.hint_path = os.path.join(data_dir, HINT_NAME)
+        self.reader = None  # wal.LogReader of the current log
         self.live_bytes = 0  # bytes the log would hold if rewritten now
+        self._moved = None  # during a compaction: job id -> offset of its record logged meanwhile
+        self._hint_state = None  # (covered, keydir copy, unique_of, reader) at a compaction's switch-over
         self.queue = gevent.queue.Queue(maxsize=config.queues)
         self.backlog = collections.deque()  # waiting jobs that did not fit in the queue, in order
         self._backlog_ready = gevent.event.Event()
@@ -46,7 +113,8 @@ class Store:
         self.num_running = 0
         self.num_scheduled = 0  # waiting jobs whose run_at is still ahead (held by the schedule)
         self.schedule = Schedule(self._release)
-        self.unique = {}  # uniqueKey -> the newest stored job that holds it
+        self.unique = {}  # uniqueKey -> the id of the newest stored job that holds it
+        self.unique_of = {}  # job id -> its uniqueKey, for the jobs that have one
         self._unique_pending = {}  # uniqueKey -> Event set when the push that claimed it is done
         self._busy = {}  # job id -> Event: one API change at a time per job
         self._running = {}  # job id -> Event set when the outcome of its attempt is recorded
@@ -60,21 +128,54 @@ class Store:
         # the growing heap again and again (most of the load time at a million jobs).
         gc.disable()
         try:
-            self.wal.load(self._replay)
+            covered = self._load_hint()
+            self.wal.load(self._replay, covered)
         finally:
             gc.enable()
             gc.freeze()  # the loaded jobs stay out of later collections too
+        self.reader = wal.LogReader(self.wal.path)
         now = now_ms()
-        for job_id in self.ids:
-            job = self.jobs[job_id]
-            if job.unique_key is not None:
-                self.unique[job.unique_key] = job
-            if job.waiting:
-                self.num_waiting += 1
-                self._start_when_due(job, now)
-        if self.ids:
-            self.ids_gen.observe(self.ids[-1])
+        for job_id in sorted(self.active):
+            self.num_waiting += 1
+            self._start_when_due(self.active[job_id], now)
+        for job_id in sorted(self.unique_of):
+            self.unique[self.unique_of[job_id]] = job_id
+        if len(self.keydir):
+            self.ids_gen.observe(self.keydir.ids[-1])
         self.loaded = True
+
+    def _load_hint(self):
+        """Take the keydir from the hint file when it matches the log: returns the log bytes it
+        covers (the replay goes on from there), or 0 after a WARN when it cannot be trusted."""
+        if not os.path.exists(self.hint_path):
+            return 0
+        try:
+            fd = os.open(self.wal.path, os.O_RDONLY)
+        except OSError as e:
+            log.warning("Ignoring %s: cannot open %s (%s); replaying the whole log", self.hint_path, self.wal.path, e)
+            return 0
+        try:
+            keydir, unique_of, covered = hint.load(self.hint_path, fd)
+            active = {}
+            rows = keydir.flags.translate(_ACTIVE_ROWS)
+            pos = rows.find(1)
+            while pos >= 0:
+                job = Job.from_record(ujson.loads(os.pread(fd, keydir.lengths[pos], keydir.offsets[pos])))
+                if job.id != keydir.ids[pos] or not job.waiting:
+                    raise hint.HintInvalid(f"row {pos} does not point at the waiting job {keydir.ids[pos]}")
+                job.record_size = keydir.lengths[pos]
+                active[job.id] = job
+                pos = rows.find(1, pos + 1)
+        except (hint.HintInvalid, OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            log.warning("Ignoring %s (%s): replaying the whole log", self.hint_path, e)
+            return 0
+        finally:
+            os.close(fd)
+        self.keydir, self.unique_of, self.active = keydir, unique_of, active
+        self.live_bytes = sum(keydir.lengths)
+        log.info("Loaded %d jobs from %s; replaying %s after byte %d", len(keydir), self.hint_path,
+                 self.wal.path, covered)
+        return covered
 
     def unready_reason(self):
         """Why the store cannot take changes now (SPEC §12 /readyz), or None when it can."""
@@ -90,7 +191,7 @@ class Store:
             "queueUsage": self.queue_usage(),
             "numWaitingJobs": self.num_waiting,
             "numRunningJobs": self.num_running,
-            "numJobs": len(self.jobs),
+            "numJobs": len(self.keydir),
             "numScheduledJobs": self.num_scheduled,
             "numJobsInLastMinute": self.jobs_created_since(now_ms() - 60000),
             "numBackloggedJobs": len(self.backlog),
@@ -100,7 +201,7 @@ class Store:
     def jobs_created_since(self, ms):
         """Stored jobs created after `ms`: ids encode their creation time and are kept sorted."""
         first = max(0, ms - EPOCH_MS) << (SERVER_ID_BITS + SEQUENCE_BITS)
-        return len(self.ids) - bisect.bisect_left(self.ids, first)
+        return len(self.keydir) - bisect.bisect_left(self.keydir.ids, first)
 
     def gauges(self):
         """The figures a metrics scrape reads (SPEC §12): job states partition the active jobs."""
@@ -108,32 +209,45 @@ class Store:
             "waiting": self.num_waiting - self.num_scheduled,
             "scheduled": self.num_scheduled,
             "running": self.num_running,
-            "stored": len(self.jobs),
+            "stored": len(self.keydir),
             "queue_usage": self.queue_usage(),
             "wal_bytes": self.wal.size,
         }
 
-    def _replay(self, rec, size):
+    def _replay(self, rec, offset, size):
         op = rec[0]
         if op == "p":
-            job_id = rec[1]
-            job = self.jobs.get(job_id)
-            if job is None:
-                job = self.jobs[job_id] = Job.from_record(rec)
-                self._insert_id(job.id)
-            else:
-                self.live_bytes -= job.record_size
-                job.load_record(rec)
-            job.record_size = size
-            self.live_bytes += size
+            self._index(Job.from_record(rec), offset, size)
         elif op == "d" and len(rec) == 2:
             # A delete of an unknown id is legitimate: compaction may already have left it out.
-            old = self.jobs.pop(rec[1], None)
-            if old is not None:
-                self._remove_ids([old.id])
-                self.live_bytes -= old.record_size
+            if type(rec[1]) is int:
+                self._forget([rec[1]])
         else:
             raise ValueError(f"unknown record type {op!r}")
+
+    def _index(self, job, offset, size):
+        """`job` as its record at `offset` (`size` bytes) has it: in the keydir, and in memory
+        while it is active."""
+        self.live_bytes += size - self.keydir.put(job, offset, size)
+        job.record_size = size
+        if job.waiting or job.running:
+            self.active[job.id] = job
+        else:
+            self.active.pop(job.id, None)
+        if job.unique_key is not None:
+            self.unique_of[job.id] = job.unique_key
+        else:
+            self.unique_of.pop(job.id, None)
+        if self._moved is not None:
+            self._moved[job.id] = offset
+
+    def _forget(self, job_ids):
+        self.live_bytes -= self.keydir.remove(job_ids)
+        for job_id in job_ids:
+            self.active.pop(job_id, None)
+            key = self.unique_of.pop(job_id, None)
+            if key is not None and self.unique.get(key) == job_id:
+                del self.unique[key]
 
     def open(self, threadpool):
         self.wal.open(threadpool)
@@ -146,6 +260,14 @@ class Store:
         self.schedule.stop()
         gevent.killall(self._greenlets)
         self.wal.close()
+        if self.reader is not None and self.wal.last_error is None and self.wal.size:
+            # Everything is written: the next start-up can skip the replay.
+            try:
+                covered = self.wal.size
+                identity = hint.log_identity(self.reader.fd, covered)
+                hint.write(self.hint_path, hint.encode(self.keydir, self.unique_of, identity, covered))
+            except (OSError, ValueError) as e:
+                log.warning("Cannot write %s (%s): the next start-up replays the whole log", self.hint_path, e)
 
     # --- the queue ----------------------------------------------------------------------
     def _enqueue(self, job):
@@ -167,7 +289,7 @@ class Store:
             self._enqueue(job)
 
     def _release(self, job_id, run_at):
-        job = self.jobs.get(job_id)
+        job = self.active.get(job_id)
         # Stale entries (stopped, restarted, deleted, rescheduled) are skipped here.
         if job is not None and job.waiting and not job.running and job.run_at == run_at:
             self.num_scheduled -= 1
@@ -189,38 +311,51 @@ class Store:
         keeps the figure honest."""
         return sum(1 for job in self.queue.queue if job.waiting)
 
-    # --- index --------------------------------------------------------------------------
-    def _insert_id(self, job_id):
-        if not self.ids or job_id > self.ids[-1]:
-            self.ids.append(job_id)
-        else:
-            bisect.insort(self.ids, job_id)
-
-    def _remove_ids(self, job_ids):
-        if len(job_ids) < 16:
-            for job_id in job_ids:
-                i = bisect.bisect_left(self.ids, job_id)
-                if i < len(self.ids) and self.ids[i] == job_id:
-                    del self.ids[i]
-        else:
-            doomed = set(job_ids)
-            self.ids = [i for i in self.ids if i not in doomed]
-
+    # --- reading jobs back -----------------------------------------------------------------
     def get(self, job_id):
-        job = self.jobs.get(job_id)
-        if job is None:
+        job = self.active.get(job_id)
+        if job is not None:
+            return job
+        kd = self.keydir
+        pos = kd.find(job_id)
+        if pos is None:
             raise JobNotFound(job_id)
-        return job
+        return self._read([(job_id, self.reader, kd.offsets[pos], kd.lengths[pos])])[0]
+
+    def _read(self, wanted):
+        """Jobs from their log records, [(job_id, reader, offset, length)] in one threadpool
+        pass per reader. A read that fails is a 503 for this request (StoreUnavailable)."""
+        by_reader = {}
+        for index, (_, reader, offset, length) in enumerate(wanted):
+            by_reader.setdefault(reader, []).append((index, offset, length))
+        jobs = [None] * len(wanted)
+        threadpool = gevent.get_hub().threadpool
+        for reader, spans in by_reader.items():
+            datas = threadpool.apply(reader.read_many, ([(offset, length) for _, offset, length in spans],))
+            if isinstance(datas, Exception):
+                log.error("Reading jobs from %s failed: %s", reader.path, datas)
+                raise StoreUnavailable(f"cannot read the job log: {datas}")
+            for (index, offset, length), data in zip(spans, datas):
+                job_id = wanted[index][0]
+                try:
+                    job = Job.from_record(ujson.loads(data))
+                except (ValueError, TypeError, KeyError, IndexError) as e:
+                    job = e
+                if not isinstance(job, Job) or job.id != job_id:
+                    log.error("%s: the record at byte %d is not job %d (%s)", reader.path, offset, job_id, job)
+                    raise StoreUnavailable(f"the job log does not hold job {job_id} where expected")
+                job.record_size = length
+                jobs[index] = job
+        return jobs
 
     # --- changes ------------------------------------------------------------------------
     def _log_put(self, job, record, then):
-        """Append a job's record; when durable, account its size and run `then`."""
+        """Append a job's record; when durable, run `then` and index the job as it stands."""
         line = wal.encode(record)
 
-        def apply():
-            self.live_bytes += len(line) - job.record_size
-            job.record_size = len(line)
+        def apply(offset):
             then()
+            self._index(job, offset, len(line))
 
         self.wal.append(line, apply)
 
@@ -241,19 +376,13 @@ class Store:
         replaces its old object) and enqueued, or scheduled when its run_at is ahead."""
         lines = [wal.encode(job.to_record()) for job in jobs]
 
-        def stored():
+        def stored(offset):
             now = now_ms()
             for job, line in zip(jobs, lines):
-                old = self.jobs.get(job.id)
-                if old is None:
-                    self._insert_id(job.id)
-                else:
-                    self.live_bytes -= old.record_size
-                self.jobs[job.id] = job
-                job.record_size = len(line)
-                self.live_bytes += len(line)
+                self._index(job, offset, len(line))
+                offset += len(line)
                 if job.unique_key is not None:
-                    self.unique[job.unique_key] = job
+                    self.unique[job.unique_key] = job.id
                 self.num_waiting += 1
                 self._start_when_due(job, now)
 
@@ -288,31 +417,40 @@ class Store:
                 claimed[spec.unique_key] = job
             fresh.append(job)
             results.append((job, False))
-        views = [(job.to_dict(), duplicate) for job, duplicate in results]
-        if not fresh:
-            return views
-        done = gevent.event.Event()
-        for key in claimed:
-            self._unique_pending[key] = done
-        try:
-            self.metrics.pushed(self._log_waiting(fresh))
-        finally:
+        views = [(job.to_dict(), False) if isinstance(job, Job) else None for job, _ in results]
+        if fresh:
+            done = gevent.event.Event()
             for key in claimed:
-                del self._unique_pending[key]
-            done.set()
+                self._unique_pending[key] = done
+            try:
+                self.metrics.pushed(self._log_waiting(fresh))
+            finally:
+                for key in claimed:
+                    del self._unique_pending[key]
+                done.set()
+        for index, (holder, duplicate) in enumerate(results):
+            if duplicate:  # a stored holder (an id: reading it may yield, so only now)
+                holder = holder if isinstance(holder, Job) else self._holder_job(holder)
+                views[index] = (holder.to_dict(), True)
         return views
 
+    def _holder_job(self, job_id):
+        try:
+            return self.get(job_id)
+        except JobNotFound:  # deleted since: the push found it all the same
+            raise JobConflict(f"The job {job_id} that holds this uniqueKey was deleted meanwhile") from None
+
     def _unique_holder(self, key, now):
-        """The stored job that holds `key` within unique_window, or None."""
+        """The id of the stored job that holds `key` within unique_window, or None."""
         if key is None:
             return None
-        job = self.unique.get(key)
-        if job is None or self.jobs.get(job.id) is not job:
+        job_id = self.unique.get(key)
+        if job_id is None or self.unique_of.get(job_id) != key:
             return None
         window = self.config.unique_window
-        if window and timestamp_ms(job.id) <= now - window * 1000:
+        if window and timestamp_ms(job_id) <= now - window * 1000:
             return None
-        return job
+        return job_id
 
     def restart(self, job_id, copy=False):
         with self.exclusive(job_id):
@@ -328,18 +466,10 @@ class Store:
         with self.exclusive(job_id):
             job = self.get(job_id)
             self._refuse_active(job)
-            self._log_deletes([job])
+            self._log_deletes([job.id])
 
-    def _log_deletes(self, jobs):
-        def removed():
-            for job in jobs:
-                if self.jobs.pop(job.id, None) is not None:
-                    self.live_bytes -= job.record_size
-                if job.unique_key is not None and self.unique.get(job.unique_key) is job:
-                    del self.unique[job.unique_key]
-            self._remove_ids([job.id for job in jobs])
-
-        self.wal.append(b"".join(wal.encode(["d", job.id]) for job in jobs), removed)
+    def _log_deletes(self, job_ids):
+        self.wal.append(b"".join(wal.encode(["d", job_id]) for job_id in job_ids), lambda offset: self._forget(job_ids))
 
     @staticmethod
     def _refuse_active(job):
@@ -397,7 +527,7 @@ class Store:
 
     def take(self, job):
         """A dispatcher took `job` from the queue: True if it is to be sent now."""
-        if not job.waiting or job.running or job.canceled or self.jobs.get(job.id) is not job:
+        if not job.waiting or job.running or job.canceled or self.active.get(job.id) is not job:
             return False
         job.waiting, job.running = False, True
         job.started_at = now_ms()
@@ -435,40 +565,76 @@ class Store:
     def list_jobs(self, begin=None, reverse=False, limit=0, match=None):
         """(jobs, next_id): walk from `begin` in id order keeping jobs that `match`, until
         `limit` matched (0 = all). next_id is the stored id after the last one examined
-        when the limit stopped the walk and more jobs follow, else None."""
-        found = []
+        when the limit stopped the walk and more jobs follow, else None.
+
+        `match` sees an active job whole, a finished one as a Row (id, name, comment, url,
+        status): filters never read the log. A status_matcher's filters also narrow each block
+        of rows by columns first (its name filter runs once per distinct name), so a scan
+        that matches nothing costs little more than a walk over two byte columns."""
+        prefilter = _Prefilter(self.keydir, match) if match is not None else None
+        found = []  # per job: the active Job, or (job_id, reader, offset, length) to read back
         position = self._start_position(begin, reverse)
         step = -1 if reverse else 1
-        examined = 0
         slice_end = time.perf_counter() + SCAN_SLICE_SECONDS
-        while 0 <= position < len(self.ids):
-            job = self.jobs[self.ids[position]]
-            position += step
-            if match is None or match(job):
-                found.append(job)
-                if limit and len(found) >= limit:
-                    break
-            examined += 1
+        full = False
+        while not full:
+            kd = self.keydir
+            ids = kd.ids
+            if not 0 <= position < len(ids):
+                break
+            lo, hi = (max(0, position - SCAN_BLOCK + 1), position + 1) if reverse else \
+                (position, min(len(ids), position + SCAN_BLOCK))
+            mask = prefilter.block(lo, hi) if prefilter is not None else None
+            while lo <= position < hi:
+                if mask is not None:
+                    at = mask.rfind(1, 0, position - lo + 1) if reverse else mask.find(1, position - lo)
+                    if at < 0:
+                        position = lo - 1 if reverse else hi
+                        break
+                    position = lo + at
+                if match is None or self._row_matches(kd, position, match):
+                    found.append(self._entry(kd, position))
+                    if limit and len(found) >= limit:
+                        full = True
+                        position += step
+                        break
+                position += step
             # By elapsed time, not by count: a job's match may cost far more than another's.
-            if examined % SCAN_CHECK_EVERY == 0 and time.perf_counter() > slice_end:
+            if not full and time.perf_counter() > slice_end and 0 <= position < len(ids):
+                resume = ids[position]
                 # > 0: sleep(0) may resume this greenlet before the loop polls for I/O.
-                gevent.sleep(0.001)  # let others run; the index may change meanwhile
-                position = self._after(job.id, reverse)
+                gevent.sleep(0.001)  # let others run; the keydir may change meanwhile
+                position = self._start_position(resume, reverse)
                 slice_end = time.perf_counter() + SCAN_SLICE_SECONDS
-        next_id = self.ids[position] if limit and len(found) >= limit and 0 <= position < len(self.ids) else None
-        return found, next_id
+        ids = self.keydir.ids
+        next_id = ids[position] if full and 0 <= position < len(ids) else None
+        return self._materialize(found), next_id
+
+    def _row_matches(self, kd, pos, match):
+        if kd.flags[pos] & ACTIVE:
+            job = self.active.get(kd.ids[pos])
+            return job is not None and match(job)
+        return match(Row(kd.ids[pos], kd.name(pos), kd.comments[pos], kd.url(pos), kd.status(pos)))
+
+    def _entry(self, kd, pos):
+        job_id = kd.ids[pos]
+        job = self.active.get(job_id) if kd.flags[pos] & ACTIVE else None
+        return job if job is not None else (job_id, self.reader, kd.offsets[pos], kd.lengths[pos])
+
+    def _materialize(self, found):
+        wanted = [(i, entry) for i, entry in enumerate(found) if not isinstance(entry, Job)]
+        if wanted:
+            for (i, _), job in zip(wanted, self._read([entry for _, entry in wanted])):
+                found[i] = job
+        return found
 
     def _start_position(self, begin, reverse):
+        ids = self.keydir.ids
         if begin is None:
-            return len(self.ids) - 1 if reverse else 0
+            return len(ids) - 1 if reverse else 0
         if reverse:
-            return bisect.bisect_right(self.ids, begin) - 1
-        return bisect.bisect_left(self.ids, begin)
-
-    def _after(self, job_id, reverse):
-        if reverse:
-            return bisect.bisect_left(self.ids, job_id) - 1
-        return bisect.bisect_right(self.ids, job_id)
+            return bisect.bisect_right(ids, begin) - 1
+        return bisect.bisect_left(ids, begin)
 
     # --- background work ----------------------------------------------------------------
     def compaction_due(self):
@@ -476,20 +642,85 @@ class Store:
         return size > self.config.wal_compact_min_bytes and size > self.config.wal_compact_ratio * self.live_bytes
 
     def compact(self):
+        """Rewrite the log to the live records (a finished job's record is copied as it is), then
+        write the hint file of the new log. Rows point into the new log from the switch-over on."""
         before = self.wal.size
         log.info("Compacting %s (%d bytes, %d live)", self.wal.path, before, self.live_bytes)
-        self.wal.rewrite(self._snapshot())
+        kd = self.keydir
+        kd.shadow = array("q", [-1]) * len(kd)
+        self._moved = {}
+        self._hint_state = None
+        try:
+            self.wal.rewrite(self._snapshot(), self._switched)
+        finally:
+            self.keydir.shadow = None
+            self._moved = None
         log.info("Compacted %s: %d -> %d bytes", self.wal.path, before, self.wal.size)
+        self._write_hint()
 
     def _snapshot(self):
+        """The live records in id order, in chunks; each row's offset in the new log goes to
+        the keydir's shadow column."""
         last = -1
+        written = 0
         while True:
-            start = bisect.bisect_right(self.ids, last)
-            chunk = self.ids[start:start + 1000]
+            kd = self.keydir
+            start = bisect.bisect_right(kd.ids, last)
+            chunk = kd.ids[start:start + SNAPSHOT_CHUNK]
             if not chunk:
                 return
-            yield [wal.encode(self.jobs[job_id].to_record()) for job_id in chunk]
+            lines, spans, reader = [], [], self.reader
+            for pos, job_id in enumerate(chunk, start):
+                job = self.active.get(job_id) if kd.flags[pos] & ACTIVE else None
+                if job is not None:
+                    lines.append(wal.encode(job.to_record()))
+                else:
+                    spans.append((len(lines), kd.offsets[pos], kd.lengths[pos]))
+                    lines.append(None)
+            if spans:
+                datas = gevent.get_hub().threadpool.apply(reader.read_many, ([s[1:] for s in spans],))
+                if isinstance(datas, Exception):
+                    raise datas
+                for (index, _, _), data in zip(spans, datas):
+                    lines[index] = data
+            kd = self.keydir  # the read yielded: rows may have moved, come or gone meanwhile
+            for job_id, line in zip(chunk, lines):
+                pos = kd.find(job_id)
+                if pos is not None:
+                    kd.shadow[pos] = written
+                written += len(line)
+            yield lines
             last = chunk[-1]
+
+    def _switched(self, start, written):
+        """Within the log's switch-over: rows logged since the rewrite began point into the
+        copied tail, the others to their snapshot record; reads go to the new file."""
+        kd = self.keydir
+        shadow = kd.shadow
+        for job_id, offset in self._moved.items():
+            pos = kd.find(job_id)
+            if pos is not None and offset >= start:
+                shadow[pos] = offset - start + written
+        kd.offsets, kd.shadow = shadow, None
+        old, self.reader = self.reader, wal.LogReader(self.wal.path)
+        gevent.spawn_later(OLD_READER_SECONDS, old.close)
+        # The state the hint file describes: exactly the new log's records up to here.
+        self._hint_state = (self.wal.size, _copy_keydir(kd), dict(self.unique_of), self.reader)
+
+    def _write_hint(self):
+        state, self._hint_state = self._hint_state, None
+        if state is None:
+            return
+        covered, keydir, unique_of, reader = state
+        threadpool = gevent.get_hub().threadpool
+        try:
+            identity = threadpool.apply(hint.log_identity, (reader.fd, covered))
+            data = hint.encode(keydir, unique_of, identity, covered, pause=lambda: gevent.sleep(0))
+            threadpool.apply(hint.write, (self.hint_path, data))
+        except (OSError, ValueError) as e:
+            log.warning("Cannot write %s (%s): the next start-up replays the whole log", self.hint_path, e)
+            with contextlib.suppress(OSError):
+                os.unlink(self.hint_path)
 
     def _compact_when_due(self):
         while True:
@@ -504,13 +735,13 @@ class Store:
     def expire_old_jobs(self):
         """Delete finished jobs whose finishedAt is older than job_lifetime."""
         cutoff = now_ms() - self.config.job_lifetime * 1000
+        kd = self.keydir
         doomed = []
-        for job_id in self.ids:
+        for pos, job_id in enumerate(kd.ids):
             if timestamp_ms(job_id) > cutoff:
                 break  # created after the cutoff: cannot have finished before it
-            job = self.jobs[job_id]
-            if not job.active and job.finished_at is not None and job.finished_at < cutoff:
-                doomed.append(job)
+            if not kd.flags[pos] & ACTIVE and 0 <= kd.finished[pos] < cutoff:
+                doomed.append(job_id)
         if doomed:
             # One append, enqueued before any other change can interleave with the scan.
             self._log_deletes(doomed)
@@ -548,4 +779,48 @@ def status_matcher(name_filter=None, term_filter=None, status=None):
                 return False
         return True
 
+    match.filters = (name_filter, term_filter, status)  # lets list_jobs narrow by columns first
     return match
+
+
+class _Prefilter:
+    """Column masks for a block of keydir rows: 1 where a row may match a status_matcher (the
+    exact test follows), 0 where its name or status rules it out. Any other predicate: no mask."""
+
+    def __init__(self, keydir, match):
+        self.keydir = keydir
+        name_filter, _, status = getattr(match, "filters", (None, None, None))
+        self.name_filter = name_filter
+        self.name_ok = bytearray()  # per name table index: does the name filter match it
+        self.status_table = status_table(status) if status else None
+
+    def block(self, lo, hi):
+        if self.name_filter is None and self.status_table is None:
+            return None
+        kd = self.keydir
+        mask = None
+        if self.status_table is not None:
+            mask = bytes(kd.flags[lo:hi]).translate(self.status_table)
+        if self.name_filter is not None:
+            names = kd.names[lo:hi]
+            ok = self.name_ok
+            need = max(names) + 1 if names else 0
+            if len(ok) < need:  # RE2 once per distinct name, as far as the rows seen so far need
+                search, texts = self.name_filter.search, kd.name_table.texts
+                ok.extend(1 if search(text) else 0 for text in texts[len(ok):need])
+            by_name = bytes(map(ok.__getitem__, names))
+            mask = by_name if mask is None else \
+                (int.from_bytes(by_name, "big") & int.from_bytes(mask, "big")).to_bytes(hi - lo, "big")
+        return mask
+
+
+def _copy_keydir(kd):
+    """A copy of the keydir's columns and tables (memory copies: quick even at a million rows)."""
+    copy = Keydir()
+    for name, _ in Keydir.COLUMNS:
+        setattr(copy, name, getattr(kd, name)[:])
+    copy.flags = bytearray(kd.flags)
+    copy.comments = list(kd.comments)
+    copy.name_table.texts = list(kd.name_table.texts)
+    copy.url_table.texts = list(kd.url_table.texts)
+    return copy

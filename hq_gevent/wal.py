@@ -30,11 +30,12 @@ class WalCorrupt(Exception):
 
 
 class _Batch:
-    __slots__ = ("lines", "callbacks", "done", "error")
+    __slots__ = ("lines", "callbacks", "nbytes", "done", "error")
 
     def __init__(self):
         self.lines = []
-        self.callbacks = []
+        self.callbacks = []  # (on_durable, where its data starts within the batch)
+        self.nbytes = 0
         self.done = gevent.event.Event()
         self.error = None
 
@@ -56,15 +57,17 @@ class WriteAheadLog:
         self._threadpool = None
 
     # --- loading -------------------------------------------------------------------
-    def load(self, apply):
-        """Call apply(record, size_in_bytes) for each record in order; cut a torn last line; raise WalCorrupt on others."""
+    def load(self, apply, start=0):
+        """Call apply(record, offset, size_in_bytes) for each record from byte `start` on (a
+        record boundary: 0, or the end a hint file covers), in order; cut a torn last line;
+        raise WalCorrupt on others."""
         leftover = self.path + ".rewrite"
         if os.path.exists(leftover):
             log.warning("Removing %s left by an interrupted compaction; %s is intact", leftover, self.path)
             os.unlink(leftover)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
         try:
-            good = self._replay(fd, apply)
+            good = self._replay(fd, apply, start)
             end = os.fstat(fd).st_size
             if good < end:
                 log.warning("%s: dropped a torn last record (%d bytes at offset %d) left by a crash mid-write",
@@ -75,9 +78,10 @@ class WriteAheadLog:
             os.close(fd)
         self.size = good
 
-    def _replay(self, fd, apply):
+    def _replay(self, fd, apply, start):
         """Returns the offset just past the last whole line."""
-        offset = 0
+        offset = start
+        os.lseek(fd, start, os.SEEK_SET)
         lines_done = 0
         tail = b""
         loads = ujson.loads
@@ -88,12 +92,15 @@ class WriteAheadLog:
             data = tail + chunk
             lines = data.split(b"\n")
             tail = lines.pop()  # no newline yet: maybe the rest is in the next chunk, maybe torn
+            at = offset
             for index, line in enumerate(lines):
                 try:
-                    apply(loads(line), len(line) + 1)
+                    apply(loads(line), at, len(line) + 1)
                 except (ValueError, TypeError, KeyError, IndexError) as e:
-                    raise WalCorrupt(f"{self.path}:{lines_done + index + 1}: bad record ({e}); refusing to start. "
+                    where = f"{lines_done + index + 1}" if not start else f"{lines_done + index + 1} after byte {start}"
+                    raise WalCorrupt(f"{self.path}:{where}: bad record ({e}); refusing to start. "
                                      "Move the file aside or repair that line.") from None
+                at += len(line) + 1
             lines_done += len(lines)
             offset += len(data) - len(tail)
             gevent.sleep(0.001)  # the server already listens: poll for its requests (/readyz) between chunks
@@ -109,7 +116,8 @@ class WriteAheadLog:
     def append(self, line, on_durable=None):
         """Queue one record (bytes ending in newline) and wait until it is written per the fsync policy.
 
-        on_durable runs in the writer, in log order, before any later batch is written:
+        on_durable(offset) runs in the writer, in log order, before any later batch is written,
+        with the file offset where `line` starts:
         the in-memory state therefore always equals a replay of the log up to `size`.
         Raises WalError if the write failed; then on_durable is not called.
         """
@@ -118,7 +126,8 @@ class WriteAheadLog:
         batch = self._batch
         batch.lines.append(line)
         if on_durable is not None:
-            batch.callbacks.append(on_durable)
+            batch.callbacks.append((on_durable, batch.nbytes))
+        batch.nbytes += len(line)
         self._wakeup.set()
         batch.done.wait()
         if batch.error:
@@ -160,11 +169,12 @@ class WriteAheadLog:
         else:
             if self.metrics is not None:
                 self.metrics.store_write(time.perf_counter() - started)
+            base = self.size
             self.size += len(data)
             self.last_error = None
-            for callback in batch.callbacks:
+            for callback, at in batch.callbacks:
                 try:
-                    callback()
+                    callback(base + at)
                 except Exception:
                     log.exception("Applying a logged change failed")
         batch.done.set()
@@ -219,17 +229,22 @@ class WriteAheadLog:
         self.fd = None
 
     # --- compaction ----------------------------------------------------------------
-    def rewrite(self, snapshot):
+    def rewrite(self, snapshot, on_switch=None):
         """Replace the log by `snapshot` (an iterable of lists of record lines) plus the records
         appended meanwhile. Never blocks appends except for the final switch-over; a crash at
-        any step leaves either the old log or the new one."""
+        any step leaves either the old log or the new one. on_switch(start, written) runs within
+        the switch-over: the records that were at offset >= `start` of the old log now start
+        at `written` - `start` further (`written`: the snapshot's bytes). Returns (start, written)."""
         tmp = self.path + ".rewrite"
         with self._switch:
             start = self.size  # in-memory state == replay of the log up to here
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o640)
+        written = 0
         try:
             for lines in snapshot:
-                self._in_thread(_write_fd, fd, b"".join(lines))
+                data = b"".join(lines)
+                self._in_thread(_write_fd, fd, data)
+                written += len(data)
                 gevent.sleep(0)
             _test_pause("written")
             self._in_thread(os.fsync, fd)
@@ -241,9 +256,12 @@ class WriteAheadLog:
                 os.close(self.fd)
                 self.fd, fd = fd, None
                 self.size = os.fstat(self.fd).st_size
+                if on_switch is not None:
+                    on_switch(start, written)
             if self.metrics is not None:
                 self.metrics.compacted()
             _test_pause("renamed")
+            return start, written
         finally:
             if fd is not None:
                 os.close(fd)
@@ -286,3 +304,32 @@ def _test_pause(step):
 
 def encode(record):
     return ujson.dumps(record, ensure_ascii=False, escape_forward_slashes=False).encode() + b"\n"
+
+
+class LogReader:
+    """Reads records back from the log by (offset, length): the keydir's way to a job's payload,
+    output and the rest. Its own read-only descriptor stays valid after a compaction renames a
+    new log over the path, so reads planned against the old offsets still find their records."""
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def read_many(self, spans):
+        """[bytes] for [(offset, length)]: blocking, meant for the threadpool. An OSError is
+        returned as the value (see WriteAheadLog._in_thread), a short read as an OSError."""
+        try:
+            out = []
+            for offset, length in spans:
+                data = os.pread(self.fd, length, offset)
+                if len(data) != length:
+                    raise OSError(f"{self.path}: a record at byte {offset} is cut short")
+                out.append(data)
+            return out
+        except OSError as e:
+            return e
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
