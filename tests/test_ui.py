@@ -664,6 +664,11 @@ def test_sign_in_on_401_keeps_the_token_for_the_session_and_signs_out(make_serve
     ui.open(srv)
     assert ui.ids() == [job["id"]] and page.locator("#sign-in").count() == 0
     assert ui.stat("numJobs") == "1"
+    page.set_viewport_size({"width": 375, "height": 812})  # the header's Sign out fits a phone
+    ui.no_horizontal_scroll()
+    box = page.locator("#sign-out").bounding_box()
+    assert box["x"] + box["width"] <= 375 and box["height"] >= 24, box
+    ui.shot("signed-in-phone.png")
 
     # Sign out forgets it; the dashboard stops asking the server.
     page.click("#sign-out")
