@@ -417,6 +417,7 @@ def test_metrics_after_a_known_workload(make_server, worker):
     found = wait_for(srv, lambda f: value(f, "hq_jobs", state="scheduled") == 1)
     assert value(found, "hq_jobs", state="running") == 1
     assert value(found, "hq_workers_busy") == 1
+    time.sleep(1.2)  # so the once-a-second history sample sees them too
     for job_id in (running, scheduled):
         assert srv.api("POST", f"/job/{job_id}/stop")[0] == 200
         assert srv.wait_job(job_id)["status"] == "canceled"
@@ -458,6 +459,26 @@ def test_metrics_after_a_known_workload(make_server, worker):
         for _, label_value in labels:
             assert not any(job_id in label_value for job_id in ids), f"a raw id in a label: {label_value}"
 
+    # The live charts' history: finishes count once their second is complete, gauges as sampled
+    # at the start of each second, so the idle state shows within ~2 s.
+    def finishes_and_idle(history):
+        series = history["series"]
+        return ((sum(series["success"]), sum(series["failure"]), sum(series["canceled"])),
+                [series[state][-1] for state in ("waiting", "scheduled", "running")])
+
+    deadline = time.monotonic() + 10
+    while True:
+        status, history = srv.api("GET", "/stats/history")
+        assert status == 200, history
+        if finishes_and_idle(history) == ((5, 2, 2), [0, 0, 0]) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert finishes_and_idle(history) == ((5, 2, 2), [0, 0, 0])
+    assert history["interval"] == 1 and abs(history["end"] - time.time()) < 3
+    series = history["series"]
+    assert {name: len(points) for name, points in series.items()} == dict.fromkeys(
+        ("success", "failure", "canceled", "waiting", "scheduled", "running"), 600)
+    assert max(series["scheduled"]) == 1 and max(series["running"]) >= 1  # while one was scheduled and one ran
 
 def test_readyz_and_write_errors_follow_a_real_write_failure(make_server, worker):
     """A real EFBIG (the file size limit lowered under the server, as in test_faults)."""
