@@ -63,6 +63,19 @@ def build_parser():
     serve.add_argument("-l", "--log-level", default=os.environ.get("HQ_LOG_LEVEL"), help="debug|info|warn|error (env HQ_LOG_LEVEL)")
     serve.set_defaults(func=run_serve)
 
+    migrate = sub.add_parser(
+        "migrate", help="copy every job of a WAL data_dir into PostgreSQL",
+        description="Copy every job of a write-ahead log data_dir into a PostgreSQL database (store =\n"
+                    "\"postgresql\"). The data_dir's server must be stopped. Running it again resumes an\n"
+                    "interrupted copy and never duplicates a job.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    migrate.add_argument("--from-data-dir", required=True, metavar="DIR", help="the WAL server's data_dir")
+    migrate.add_argument("--to-postgresql", metavar="DSN",
+                         help="libpq connection string or URL (env HQ_POSTGRESQL_DSN)")
+    migrate.add_argument("-c", "--config-file", default=os.environ.get("HQ_CONFIG"),
+                         help="the WAL server's config, for its retry defaults (env HQ_CONFIG)")
+    migrate.set_defaults(func=run_migrate)
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-a", "--address", metavar="URL",
                         help=f"server address (env HQ_ADDRESS, default {DEFAULT_ADDRESS})")
@@ -152,6 +165,12 @@ def run_serve(args):
     from hq_gevent.server import serve
 
     return serve(config_file=args.config_file, log_level=args.log_level)
+
+
+def run_migrate(args):
+    from hq_gevent.migrate import run
+
+    return run(args)
 
 
 # --- helpers --------------------------------------------------------------------------
@@ -546,8 +565,8 @@ def run_wait(args, parser):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.func is run_serve:
-        return run_serve(args)
+    if args.func in (run_serve, run_migrate):
+        return args.func(args)
     from hq_gevent.client import HQAuthError, HQConnectionError, HQError
 
     try:

@@ -229,13 +229,14 @@ class PostgresStore:
 
     def load(self):
         try:
+            # The listening connection first: an unreachable database fails the start at once,
+            # with libpq's own reason, and a server_id in use is refused before any change.
+            self._connect_listener()
+            migrate_schema(self._listener)
             self.pool = psycopg_pool.ConnectionPool(
                 self._conninfo(), min_size=2, max_size=POOL_SIZE, kwargs=self._connect_kwargs(), open=False,
                 timeout=POOL_TIMEOUT, reconnect_timeout=365 * 86400, name="hq-gevent")
             self.pool.open(wait=True, timeout=10)
-            with self.pool.connection() as conn:
-                migrate_schema(conn)
-            self._connect_listener()
             with self._tx() as cur:
                 self._register(cur)
                 released = self._release(cur, "server_id = %(sid)s")
@@ -248,10 +249,10 @@ class PostgresStore:
             if last is not None:
                 self.ids_gen.observe(last)
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as e:
-            self._close_pool()
+            self._close_connections()
             raise StoreUnavailable(f"cannot use PostgreSQL ({_reason(e)})") from None
         except StoreUnavailable:
-            self._close_pool()
+            self._close_connections()
             raise
         log.info("Using PostgreSQL (schema version %d) as server_id %d", SCHEMA_VERSION, self.server_id)
         self.loaded = True
@@ -297,11 +298,11 @@ class PostgresStore:
                 self._notify_wake_now()
         except StoreUnavailable as e:
             log.error("Could not release this server's running jobs (their lease runs out instead): %s", e)
+        self._close_connections()
+
+    def _close_connections(self):
         if self._listener is not None:
             self._listener.close()
-        self._close_pool()
-
-    def _close_pool(self):
         if self.pool is not None:
             self.pool.close(timeout=2)
 
