@@ -2,21 +2,23 @@
 
 Checked with promtool (Debian package `prometheus`, installed by .ci/deps.sh): the rules load,
 each alert fires on the situation it names and stays quiet on a healthy one (promtool's rule
-unit tests on synthetic series), the scrape example loads, every dashboard query parses; and
-every metric name they use is one that /metrics exposes.
+unit tests on synthetic series), the scrape example loads, every dashboard query parses; every
+metric name they use is one that /metrics exposes; and the real Prometheus, run with the scrape
+example, scrapes a server that has tokens and evaluates every rule without error.
 """
 import json
 import os
 import re
 import shutil
 import subprocess
-from pathlib import Path
+import time
 
 import bottle
 import pytest
+import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT, require_tool
+from conftest import ROOT, free_port, require_tool
 from hq_gevent.metrics import Metrics
 
 ETC = ROOT / "etc"
@@ -290,3 +292,78 @@ def test_ops_files_match_a_live_server(make_server, worker):
     response = srv.request("GET", "/metrics")
     assert response.status_code == 200, response.text
     check_names_against(response.text)
+
+
+def test_prometheus_scrapes_a_live_server_with_the_example(make_server, worker, tmp_path):
+    """The real Prometheus, configured by etc/prometheus.yml with its token lines enabled, scrapes
+    a server that has tokens, sees the pushed jobs, and evaluates every alert rule without error."""
+    require_tool("prometheus", "scrapes a live server with the example config")
+    full, read = "full-token-for-the-scrape-test", "read-token-for-the-scrape-test"
+    srv = make_server(start=False, access_log_file="", auth_tokens=[full], auth_read_tokens=[read])
+    wait_healthy(srv.start(wait=False))
+    srv.session.headers["Authorization"] = f"Bearer {full}"
+    for _ in range(3):
+        srv.wait_job(srv.push(url=worker.url)["id"])
+
+    token = tmp_path / "hq-gevent.token"
+    token.write_text(read + "\n")
+    text = SCRAPE.read_text().replace("/usr/share/hq-gevent/hq-gevent-alerts.yml", str(RULES))
+    text = text.replace('"127.0.0.1:19900"', f'"127.0.0.1:{srv.port}"')
+    text = text.replace("scrape_interval: 15s", "scrape_interval: 1s").replace("evaluation_interval: 15s",
+                                                                              "evaluation_interval: 1s")
+    text = re.sub(r"(?m)^    # (authorization:|  type: Bearer|  credentials_file: )(\S*)",
+                  lambda m: "    " + m.group(1) + (str(token) if m.group(2) else ""), text)
+    config = tmp_path / "prometheus.yml"
+    config.write_text(text)
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api/v1"
+    with open(tmp_path / "prometheus.log", "wb") as out:
+        prometheus = subprocess.Popen(
+            ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        def query(expr):
+            try:
+                answer = requests.get(f"{api}/query", params={"query": expr}, timeout=5).json()
+            except requests.RequestException:
+                return None
+            result = answer["data"]["result"]
+            return float(result[0]["value"][1]) if result else None
+
+        deadline = time.monotonic() + 60
+        while query('hq_jobs_pushed_total{job="hq-gevent"}') != 3:
+            assert prometheus.poll() is None, (tmp_path / "prometheus.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "prometheus.log").read_text()[-3000:]
+            time.sleep(0.5)
+        assert query('up{job="hq-gevent"}') == 1
+        assert query('hq_jobs_finished_total{job="hq-gevent", status="success"}') == 3
+        assert query('sum(hq_http_requests_total{job="hq-gevent", route="/job", method="POST"})') == 3
+        assert query('process_resident_memory_bytes{job="hq-gevent"}') > 0
+
+        while True:  # every rule evaluated at least once, none in error
+            groups = requests.get(f"{api}/rules", timeout=5).json()["data"]["groups"]
+            rules = [rule for group in groups for rule in group["rules"]]
+            if len(rules) == 8 and all(rule.get("lastEvaluation", "").startswith("20") for rule in rules):
+                break
+            assert time.monotonic() < deadline, rules
+            time.sleep(0.5)
+        assert [(rule["name"], rule["health"], rule.get("lastError")) for rule in rules if rule["health"] != "ok"] == []
+        firing = [rule["name"] for rule in rules if rule["state"] != "inactive"]
+        assert firing == [], "a healthy idle server raised alerts"
+    finally:
+        prometheus.terminate()
+        prometheus.wait(20)
+
+
+
+def wait_healthy(srv, timeout=20):
+    """Until /healthz answers (the server's own readiness wait would need a token here)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if requests.get(srv.url + "/healthz", timeout=5).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        assert time.monotonic() < deadline and srv.proc.poll() is None, srv.log()
+        time.sleep(0.05)
