@@ -584,7 +584,8 @@
       const pad = (a) => (a.length === n ? a : new Array(n - a.length).fill(0).concat(a)); // align to the newest slot
       for (const k in raw) raw[k] = pad(raw[k]);
 
-      finishedSummary.replaceChildren("last 10 min: ",
+      const span = n * step >= 120 ? Math.round((n * step) / 60) + " min" : n * step + " s";
+      finishedSummary.replaceChildren("last " + span + ": ",
         ...FINISHED.flatMap((k, i) => [i ? " · " : "", h("span", { "data-total": k.key }, String(total(raw[k.key]))), " " + k.key]));
       gaugesSummary.replaceChildren("now: ",
         ...GAUGES.flatMap((k, i) => [i ? " · " : "", h("span", { "data-now": k.key }, String(n ? raw[k.key][n - 1] : 0)), " " + k.key]));
