@@ -250,7 +250,7 @@ def test_route_plugin_counts_every_answer_by_pattern(metrics, app_server):
 
 def test_wal_times_batches_and_counts_failures(tmp_path, metrics):
     log = wal.WriteAheadLog(str(tmp_path / "jobs.jsonl"), "always", metrics=metrics)
-    log.load(lambda record, size: None)
+    log.load(lambda *record: None)  # a new, empty log: nothing to replay
     log.open(gevent.get_hub().threadpool)
     gevent.joinall([gevent.spawn(log.append, wal.encode(["p", n])) for n in range(20)], raise_error=True)
     log.rewrite([[wal.encode(["p", 1])]])
