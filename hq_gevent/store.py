@@ -103,6 +103,7 @@ class Store:
         self.wal = wal.WriteAheadLog(os.path.join(data_dir, LOG_NAME), config.wal_fsync, self.metrics)
         self.hint_path = os.path.join(data_dir, HINT_NAME)
         self.reader = None  # wal.LogReader of the current log
+        self.hint_covered = 0  # log bytes the start-up took from the hint file (0: a full replay)
         self.live_bytes = 0  # bytes the log would hold if rewritten now
         self._moved = None  # during a compaction: job id -> offset of its record logged meanwhile
         self._hint_state = None  # (covered, keydir copy, unique_of, reader) at a compaction's switch-over
@@ -128,7 +129,7 @@ class Store:
         # the growing heap again and again (most of the load time at a million jobs).
         gc.disable()
         try:
-            covered = self._load_hint()
+            covered = self.hint_covered = self._load_hint()
             self.wal.load(self._replay, covered)
         finally:
             gc.enable()
@@ -714,11 +715,14 @@ class Store:
         covered, keydir, unique_of, reader = state
         threadpool = gevent.get_hub().threadpool
         try:
+            if not covered:  # nothing a hint could spare; an older one must not stay either
+                raise ValueError("the log is empty")
             identity = threadpool.apply(hint.log_identity, (reader.fd, covered))
             data = hint.encode(keydir, unique_of, identity, covered, pause=lambda: gevent.sleep(0))
             threadpool.apply(hint.write, (self.hint_path, data))
         except (OSError, ValueError) as e:
-            log.warning("Cannot write %s (%s): the next start-up replays the whole log", self.hint_path, e)
+            if covered:
+                log.warning("Cannot write %s (%s): the next start-up replays the whole log", self.hint_path, e)
             with contextlib.suppress(OSError):
                 os.unlink(self.hint_path)
 
