@@ -38,11 +38,12 @@ ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 DEFAULT_SERVER = f"{shlex.quote(sys.executable)} -m hq_gevent serve -c {{config}}"
 SCENARIOS = ["baseline", "push", "e2e", "slow", "memory", "list", "schedule", "batch", "retry"]
+OPT_IN = ["many_scheduled"]  # run only when named: a million jobs held in one server
 SIZES = {  # jobs per scenario: full run, and --quick
     "full": {"push": 10000, "e2e": 10000, "slow": 10000, "memory": 100000, "list": 100000,
-             "schedule": 100000, "batch": 100000, "retry": 10000},
+             "schedule": 100000, "batch": 100000, "retry": 10000, "many_scheduled": 1000000},
     "quick": {"push": 2000, "e2e": 2000, "slow": 1000, "memory": 5000, "list": 5000,
-              "schedule": 5000, "batch": 10000, "retry": 1000},
+              "schedule": 5000, "batch": 10000, "retry": 1000, "many_scheduled": 50000},
 }
 # Server config per scenario (the issue's reference points), before --set overrides.
 CONFIGS = {
@@ -55,6 +56,7 @@ CONFIGS = {
     "batch": {"dispatchers": 2, "max_workers": 0},  # the push part, as in push
     "batch_e2e": {"dispatchers": 2, "max_workers": 100},  # the e2e part, as in e2e (--set batch.KEY sets both)
     "retry": {"dispatchers": 2, "max_workers": 100},
+    "many_scheduled": {"dispatchers": 2, "max_workers": 100},
 }
 # The retry scenario's policy (SPEC §10.2) and worker: each job fails twice, then succeeds.
 RETRY_POLICY = {"maxAttempts": 5, "minBackoff": 0.1, "maxBackoff": 1}
@@ -1065,6 +1067,61 @@ def sc_retry(ctx, side):
     return figures
 
 
+def sc_many_scheduled(ctx, side):
+    """Do n jobs scheduled an hour ahead slow pushes and lists down (issue 11: a million must not)?
+
+    Push p50/p99 and list p50 on the fresh server, then after n scheduled jobs were pushed (in
+    batches of identical jobs), then RSS per scheduled job and a restart with them in the log.
+    Opt-in (not in the default set): at the full size the server holds a million jobs.
+    """
+    n = ctx.n("many_scheduled")
+    opts = ctx.opts
+    worker = ctx.worker()
+    server = ctx.server(side, "many_scheduled", ctx.config("many_scheduled", n, side))
+    batch = opts.batch_size if supports_batch(server) else 1
+    gevent.sleep(0.5)
+    rss0 = server.rss()
+    figures = {}
+    for phase in ("empty", "loaded"):
+        if phase == "loaded":
+            later = rfc3339_ms(time.time_ns() // 1_000_000 + 3600_000)
+            job = {"url": f"{worker.url}/job", "name": "later", "payload": {"i": 0}, "runAt": later}
+            body = json.dumps([job] * batch if batch > 1 else job, separators=(",", ":")).encode()
+            raw = load.build_request("POST", "/jobs" if batch > 1 else "/job", body, json_headers(server))
+            count = -(-n // batch)  # whole batches: n rounded up
+            res_fill = load.run(HOST, server.port, [raw] * count, opts.batch_concurrency, opts.timeout)
+            figures["fill_jobs_per_s"] = r(res_fill.done * batch / res_fill.elapsed) if res_fill.elapsed else None
+            figures["errors"] = count - sum(1 for st in res_fill.status if st == 200)
+            rss1 = server.rss()
+        pushes = [load.build_request("POST", "/job", json.dumps(job_dict(worker, i)).encode(), json_headers(server))
+                  for i in range(2000)]
+        res = load.run(HOST, server.port, pushes, opts.concurrency, opts.timeout)
+        figures[f"{phase}_push_p50_ms"] = ms(load.percentile(res.latencies(), 50))
+        figures[f"{phase}_push_p99_ms"] = ms(load.percentile(res.latencies(), 99))
+        figures[f"{phase}_pushes_per_s"] = r(res.rate)
+        for label, path in (("first100", "/job?limit=100"), ("reverse100", "/job?limit=100&reverse=true"),
+                            ("stats", "/stats")):
+            times = []
+            for _ in range(10):
+                t0 = time.monotonic()
+                server.get_json(path)
+                times.append(time.monotonic() - t0)
+            figures[f"{phase}_{label}_p50_ms"] = ms(statistics.median(times))
+    code, stats = server.get_json("/stats")
+    scheduled = stats.get("numScheduledJobs")
+    figures["scheduled"] = scheduled
+    figures["bytes_per_scheduled_job"] = r((rss1 - rss0) / (-(-n // batch) * batch), 0)
+    figures["push_p99_loaded_vs_empty"] = r(figures["loaded_push_p99_ms"] / figures["empty_push_p99_ms"], 2) \
+        if figures.get("empty_push_p99_ms") else None
+    server.stop()
+    figures["restart_s"] = r(server.start(), 3)  # exec to the first answer, the timer structure rebuilt
+    code, stats = server.get_json("/stats")
+    figures["scheduled_after_restart"] = stats.get("numScheduledJobs")
+    # Every acknowledged job still scheduled after the restart (numScheduledJobs: SPEC §10.5).
+    figures["lost"] = sum(1 for st in res_fill.status if st == 200) * batch - (stats.get("numScheduledJobs") or 0)
+    return figures
+
+
 def wrk(url, seconds, concurrency, workdir, post=None, headers=None):
     """wrk's requests/s and p50/p99 (s), or None when wrk is not installed. `post`: a JSON body."""
     if not shutil.which("wrk"):
@@ -1147,7 +1204,7 @@ def sc_baseline(ctx, side):
 
 RUNNERS = {
     "baseline": sc_baseline, "push": sc_push, "e2e": sc_e2e, "slow": sc_slow, "memory": sc_memory, "list": sc_list,
-    "schedule": sc_schedule, "batch": sc_batch, "retry": sc_retry,
+    "schedule": sc_schedule, "batch": sc_batch, "retry": sc_retry, "many_scheduled": sc_many_scheduled,
 }
 
 
@@ -1291,7 +1348,8 @@ def flavor_of(template, flavor):
 
 def build_parser():
     p = argparse.ArgumentParser(prog="python3 -m bench", description="Load-test an HQ-compatible job queue server.")
-    p.add_argument("scenarios", nargs="*", help=f"which to run (default: all): {' '.join(SCENARIOS)}")
+    p.add_argument("scenarios", nargs="*",
+                   help=f"which to run (default: all): {' '.join(SCENARIOS)}; opt-in: {' '.join(OPT_IN)}")
     p.add_argument("--server", default=DEFAULT_SERVER, help="server command template with {config} (default: hq-gevent)")
     p.add_argument("--compare", help="a second server command template (`same`: side A's command and checkout); runs A and B alternately")
     for side, opt in (("A", "server"), ("B", "compare")):
@@ -1329,9 +1387,9 @@ def build_parser():
 def main(argv=None):
     opts = build_parser().parse_args(argv)
     for name in opts.scenarios:
-        if name not in SCENARIOS:
-            build_parser().error(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}")
-    scenarios = [s for s in SCENARIOS if s in (opts.scenarios or SCENARIOS)]
+        if name not in SCENARIOS + OPT_IN:
+            build_parser().error(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS + OPT_IN)}")
+    scenarios = [s for s in SCENARIOS + OPT_IN if s in (opts.scenarios or SCENARIOS)]
     opts.compare_same = opts.compare == "same"
     if opts.compare_same:
         opts.compare = opts.server

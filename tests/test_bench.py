@@ -80,15 +80,18 @@ def test_every_scenario_runs_and_loses_nothing(tmp_path):
 
 def test_new_scenarios_run_and_lose_nothing(tmp_path):
     # schedule: 40 jobs due over 1 s from 2 s after pushing; batch: 5 batches of 50, then e2e in batches;
-    # retry: 30 jobs that each fail twice, after a 30-job e2e reference run.
-    args = ["schedule", "batch", "retry", "--n", "schedule=40,batch=250,retry=30", "--batch-size", "50",
+    # retry: 30 jobs that each fail twice, after a 30-job e2e reference run; many_scheduled: 300 held
+    # for an hour (opt-in: only when named).
+    args = ["schedule", "batch", "retry", "many_scheduled", "--n", "schedule=40,batch=250,retry=30,many_scheduled=300",
+            "--batch-size", "50",
             "--schedule-spread", "1", "--schedule-lead", "2"]
     proc, results = run_bench(args, tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert sorted(results) == ["batch", "retry", "schedule"], proc.stdout
+    assert sorted(results) == ["batch", "many_scheduled", "retry", "schedule"], proc.stdout
     for name, res in results.items():
         for key in CORRECTNESS:
-            assert res["figures"][key] == 0, (name, res["figures"])
+            assert res["figures"].get(key, 0) == 0, (name, res["figures"])
+        assert "lost" in res["figures"] and "errors" in res["figures"], name
     sched = results["schedule"]["figures"]
     assert sched["push_batch_size"] == 50 and sched["early"] == 0, sched
     assert sched["lateness_p50_ms"] is not None and sched["lateness_p99_ms"] >= sched["lateness_p50_ms"], sched
@@ -100,6 +103,9 @@ def test_new_scenarios_run_and_lose_nothing(tmp_path):
     assert retry["requests"] == 90 and retry["attempt_mismatches"] == 0, retry  # 3 attempts each, X-Hq-Attempt right
     assert retry["not_success"] == 0 and retry["wrong_attempts"] == 0, retry
     assert retry["total_s"] > 0 and retry["ideal_s"] > 0 and retry["vs_ideal"] > 0, retry
+    many = results["many_scheduled"]["figures"]
+    assert many["scheduled"] == 300 and many["scheduled_after_restart"] == 300, many
+    assert many["empty_push_p99_ms"] > 0 and many["loaded_push_p99_ms"] > 0 and many["restart_s"] > 0, many
 
 
 def test_compare_runs_each_checkout_and_a_secure_side(tmp_path):
