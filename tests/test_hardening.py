@@ -239,6 +239,26 @@ def test_a_stored_job_that_cannot_render_never_breaks_a_list(make_server):
     assert srv.log().count(f"Job {deep} cannot be shown as JSON") == 1
 
 
+def test_a_long_page_is_the_same_json_pretty_or_not(make_server):
+    """Pages render in chunks of jobs (so a failure stays with its job and a long page yields):
+    the assembled page must still be one well-formed document, pretty or not."""
+    srv = make_server(start=False, job_lifetime=0)
+    os.makedirs(srv.data_dir, exist_ok=True)
+    job_ids = old_ids(700)
+    write_log(os.path.join(srv.data_dir, "jobs.jsonl"),
+              [finished_record(job_id, f"n{i}", '{"i":%d,"a":[1,{"b":null}]}' % i) for i, job_id in enumerate(job_ids)])
+    srv.start()
+    compact = srv.request("GET", "/job?limit=600")
+    pretty = srv.request("GET", "/job?limit=600&pretty")
+    assert compact.status_code == pretty.status_code == 200
+    assert "\n" not in compact.text and json.loads(compact.text) == json.loads(pretty.text)
+    assert pretty.text == json.dumps(json.loads(compact.text), indent=2, ensure_ascii=False) + "\n"
+    page = json.loads(compact.text)
+    assert [j["id"] for j in page["jobs"]] == [str(i) for i in job_ids[:600]]
+    assert page["hasNext"] is True and page["next"] == str(job_ids[600]) and page["count"] == 600
+    assert json.loads(srv.request("GET", "/job?name=nomatch&pretty").text) == {"jobs": [], "hasNext": False, "count": 0}
+
+
 # --- 3. header names and values: full-match validation ----------------------------------------
 @pytest.mark.parametrize("headers", [
     {"X-A\n": "v"}, {"X-A\r\n": "v"}, {"\nX-A": "v"}, {"X-A": "v\n"}, {"X-A": "v\x01"}, {"X-A": "\x7f"}, {"": "v"},
