@@ -21,7 +21,7 @@ import requests
 from conftest import ROOT, require_tool
 
 sys.path.insert(0, str(ROOT))  # bench/ is not installed with the package; plain `pytest` must find it too
-from bench.run import profile_summary  # noqa: E402
+from bench.run import overtaken, profile_summary  # noqa: E402
 
 BENCH = [sys.executable, "-m", "bench"]
 CORRECTNESS = ("lost", "duplicates", "unexpected", "errors")
@@ -293,6 +293,13 @@ def test_interrupt_kills_every_child(sig, tmp_path):
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not [p for p in pids if _alive(p)]
+
+
+def test_overtaken_measures_a_start_after_later_due_jobs_started():
+    # (due, started): the second job due at 2 started at 5, after the job due at 3 had started at 3.
+    assert sorted(overtaken([(1, 1.0), (2, 5.0), (2, 2.0), (3, 3.0)])) == [0.0, 0.0, 0.0, 2.0]
+    assert overtaken([(1, 1.5), (1, 1.0)]) == [0.0, 0.0]  # due at the same time: either may go first
+    assert overtaken([]) == []
 
 
 def test_profile_summary_ranks_frames_by_self_and_inclusive_samples():
