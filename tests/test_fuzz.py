@@ -25,15 +25,17 @@ FUZZ = settings(max_examples=300, deadline=None, database=None,
 def live(tmp_path_factory):
     worker = WorkerApp()
     worker.hold()  # the first job's request never gets an answer while the fuzzer runs
-    srv = HQServer(tmp_path_factory.mktemp("fuzz"), {"dispatchers": 1, "max_workers": 0,
-                                                     "access_log_file": ""}).start()
-    srv.push(url=worker.url + "/blocker")
-    worker.wait_requests(1)
-    known = [srv.push(url=CLOSED_URL, name=f"known-{i}", comment="keep me", payload={"i": i, "big": 2 ** 70},
-                      headers={"X-Known": str(i)}) for i in range(3)]
-    yield srv, known
-    srv.kill()
-    worker.close()
+    srv = HQServer(tmp_path_factory.mktemp("fuzz"), {"dispatchers": 1, "max_workers": 0, "access_log_file": ""})
+    try:
+        srv.start()
+        srv.push(url=worker.url + "/blocker")
+        worker.wait_requests(1)
+        known = [srv.push(url=CLOSED_URL, name=f"known-{i}", comment="keep me", payload={"i": i, "big": 2 ** 70},
+                          headers={"X-Known": str(i)}) for i in range(3)]
+        yield srv, known
+    finally:  # also when the set-up fails: no server left behind
+        srv.kill()
+        worker.close()
 
 
 def exchange(srv, method, target, headers=(), body=b""):
