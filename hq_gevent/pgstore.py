@@ -43,6 +43,7 @@ WAKE_FALLBACK = 5.0  # the claimer re-checks this often even with no NOTIFY (one
 SCAN_SLICE_SECONDS = 0.02  # SPEC §11: a list scan yields at least every 50 ms
 SCAN_CHECK_EVERY = 64
 SCAN_BATCH = 1000
+CLAIM_BATCH = 64
 FINISH_RETRY_SECONDS = 0.5
 
 # One version's statements each; a server applies those above the stored version at start.
@@ -201,6 +202,7 @@ class PostgresStore:
         self.metrics = metrics or Metrics(lambda: {})
         self.server_id = config.server_id
         self.lease = config.lease_seconds
+        self.capacity = config.dispatchers * max(1, config.max_workers)  # the dispatchers' slots (SPEC §6)
         self.loaded = False
         self.ids_gen = IdGenerator(config.server_id)
         self.default_retry = Job.default_retry = retry.from_config(config)
@@ -215,7 +217,7 @@ class PostgresStore:
         self._wake = gevent.event.Event()  # something may be ready: a push, a NOTIFY, a retry's runAt
         self._notify_due = gevent.event.Event()
         self._greenlets = []
-        self._gauges = ({}, 0.0)
+        self._gauges = ({}, 0.0, 0.0)  # last figures, when, when `stored` was counted
 
     # --- start and stop ----------------------------------------------------------------
     def _conninfo(self):
@@ -224,7 +226,7 @@ class PostgresStore:
     def _connect_kwargs(self):
         # A dead peer is noticed within ~10 s; a statement never hangs a request for long.
         return {"connect_timeout": 3, "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
-                "keepalives_count": 3, "application_name": f"hq-gevent server_id={self.server_id}",
+                "keepalives_count": 3, "application_name": f"hq-gevent server_id={self.server_id}", "autocommit": True,
                 "options": "-c statement_timeout=30000"}
 
     def load(self):
@@ -258,7 +260,7 @@ class PostgresStore:
         self.loaded = True
 
     def _connect_listener(self):
-        conn = psycopg.Connection.connect(self._conninfo(), autocommit=True, **self._connect_kwargs())
+        conn = psycopg.Connection.connect(self._conninfo(), **self._connect_kwargs())
         try:
             got = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCK_SERVER_ID, self.server_id)).fetchone()[0]
             if not got:
@@ -307,22 +309,28 @@ class PostgresStore:
             self.pool.close(timeout=2)
 
     def _notify_wake_now(self):
-        with contextlib.suppress(StoreUnavailable), self._tx() as cur:
+        with contextlib.suppress(StoreUnavailable), self._one() as cur:
             cur.execute("SELECT pg_notify(%s, 'w')", (CHANNEL,))
 
     # --- connections ---------------------------------------------------------------------
     @contextlib.contextmanager
-    def _tx(self):
-        """A cursor in one transaction on a pooled connection, committed when the block ends.
+    def _tx(self, transaction=True):
+        """A cursor on a pooled connection, in one transaction committed when the block ends, or
+        (transaction=False) for one statement that commits by itself: one round trip instead of
+        three (BEGIN, the statement, COMMIT) on the hot paths (push, claim, finish, get, list).
         PostgreSQL out of reach (refused, cut, timed out) is a StoreUnavailable: a quick 503."""
         if self.pool is None:
             raise StoreUnavailable("PostgreSQL is not connected yet")
         try:
-            with self.pool.connection() as conn, conn.cursor() as cur:
-                yield cur
+            with self.pool.connection() as conn:
+                with conn.transaction() if transaction else contextlib.nullcontext(), conn.cursor() as cur:
+                    yield cur
         except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as e:
             self._trouble_reason = self._trouble_reason or _reason(e)
             raise StoreUnavailable(f"PostgreSQL is unavailable: {_reason(e)}") from None
+
+    def _one(self):
+        return self._tx(transaction=False)
 
     def unready_reason(self):
         if not self.loaded:
@@ -387,7 +395,7 @@ class PostgresStore:
         while True:
             gevent.sleep(max(1.0, self.lease / 3))
             try:
-                with self._tx() as cur:
+                with self._one() as cur:
                     cur.execute("UPDATE hq_servers SET heartbeat_at = now() WHERE server_id = %s", (self.server_id,))
                     if self._running:
                         cur.execute("UPDATE hq_jobs SET lease_until = now() + make_interval(secs => %s) "
@@ -449,17 +457,19 @@ class PostgresStore:
                 log.error("Removing expired jobs failed, will retry: %s", e)
 
     # --- stats ---------------------------------------------------------------------------
-    def _counts(self):
+    def _counts(self, everything=True):
+        """(waiting, scheduled, ready, running, stored, created in the last minute); the active
+        ones come from the partial indexes; the last two walk the primary key (None unless asked)."""
         now = now_ms()
         minute_ago = max(0, now - 60000 - EPOCH_MS) << (SERVER_ID_BITS + SEQUENCE_BITS)
-        with self._tx() as cur:
+        totals = """, (SELECT count(*) FROM hq_jobs), (SELECT count(*) FROM hq_jobs WHERE id >= %(minute)s)"""
+        with self._one() as cur:
             cur.execute("""SELECT
                 (SELECT count(*) FROM hq_jobs WHERE waiting),
                 (SELECT count(*) FROM hq_jobs WHERE waiting AND run_at > %(now)s),
                 (SELECT count(*) FROM hq_jobs WHERE waiting AND NOT canceled AND run_at <= %(now)s),
-                (SELECT count(*) FROM hq_jobs WHERE running),
-                (SELECT count(*) FROM hq_jobs),
-                (SELECT count(*) FROM hq_jobs WHERE id >= %(minute)s)""", {"now": now, "minute": minute_ago})
+                (SELECT count(*) FROM hq_jobs WHERE running)""" + (totals if everything else ", NULL, NULL"),
+                        {"now": now, "minute": minute_ago})
             return cur.fetchone()
 
     def stats(self):
@@ -480,15 +490,20 @@ class PostgresStore:
     def gauges(self):
         """For the metrics sampler (each second): counted at most once a second, the last figures
         while PostgreSQL is out of reach."""
-        values, at = self._gauges
-        if time.monotonic() - at >= 1.0:
+        values, at, stored_at = self._gauges
+        now = time.monotonic()
+        if now - at >= 1.0:
             try:
-                waiting, scheduled, ready, running, stored, _ = self._counts()
+                # Counting every stored row costs a walk of the primary key: every 10 s is enough for a graph.
+                everything = now - stored_at >= 10.0
+                waiting, scheduled, ready, running, stored, _ = self._counts(everything)
                 values = {"waiting": waiting - scheduled, "scheduled": scheduled, "running": running,
-                          "stored": stored, "queue_usage": min(ready, self.config.queues), "wal_bytes": 0}
+                          "stored": stored if everything else values.get("stored", 0),
+                          "queue_usage": min(ready, self.config.queues), "wal_bytes": 0}
+                stored_at = now if everything else stored_at
             except StoreUnavailable:
                 pass
-            self._gauges = (values, time.monotonic())
+            self._gauges = (values, now, stored_at)
         return values or {"waiting": 0, "scheduled": 0, "running": 0, "stored": 0, "queue_usage": 0, "wal_bytes": 0}
 
     def queue_usage(self):
@@ -496,7 +511,7 @@ class PostgresStore:
 
     # --- reads ---------------------------------------------------------------------------
     def get(self, job_id):
-        with self._tx() as cur:
+        with self._one() as cur:
             cur.execute(f"SELECT {COLUMNS} FROM hq_jobs WHERE id = %s", (job_id,))
             row = cur.fetchone()
         if row is None:
@@ -517,7 +532,7 @@ class PostgresStore:
         examined = 0
         while True:
             where = "" if after is None else f"WHERE id {op}{'=' if inclusive else ''} %s"
-            with self._tx() as cur:
+            with self._one() as cur:
                 cur.execute(f"SELECT {columns} FROM hq_jobs {where} ORDER BY id {order} LIMIT %s",
                             ((after, batch) if after is not None else (batch,)))
                 rows = cur.fetchall()
@@ -547,7 +562,7 @@ class PostgresStore:
 
     def _id_after(self, job_id, reverse):
         op, order = (">", "ASC") if not reverse else ("<", "DESC")
-        with self._tx() as cur:
+        with self._one() as cur:
             cur.execute(f"SELECT id FROM hq_jobs WHERE id {op} %s ORDER BY id {order} LIMIT 1", (job_id,))
             row = cur.fetchone()
         return row[0] if row else None
@@ -557,7 +572,7 @@ class PostgresStore:
         whole = {}
         ids = [job.id for job in scanned]
         for start in range(0, len(ids), SCAN_BATCH):
-            with self._tx() as cur:
+            with self._one() as cur:
                 cur.execute(f"SELECT {COLUMNS} FROM hq_jobs WHERE id = ANY(%s)", (ids[start:start + SCAN_BATCH],))
                 for row in cur:
                     whole[row[0]] = row
@@ -572,7 +587,7 @@ class PostgresStore:
         is checked and taken under an advisory lock on the key, so concurrent pushes on any
         server make one job."""
         keys = sorted({spec.unique_key for spec in specs if spec.unique_key is not None})
-        with self._tx() as cur:
+        with self._tx(transaction=bool(keys) or len(specs) > 1) as cur:
             holders = self._lock_unique_keys(cur, keys) if keys else {}
             now = now_ms()
             results, fresh = [], []
@@ -587,8 +602,10 @@ class PostgresStore:
                     holders[spec.unique_key] = job
                 fresh.append(job)
                 results.append((job, False))
-            if fresh:
-                cur.executemany(INSERT, [job_row(job, now) for job in fresh])
+            if len(fresh) == 1:
+                cur.execute(INSERT, job_row(fresh[0], now))
+            elif fresh:
+                cur.executemany(INSERT, [job_row(job, now) for job in fresh])  # pipelined: one round trip
         if fresh:
             self.metrics.pushed(len(fresh))
             self._woke()
@@ -668,7 +685,7 @@ class PostgresStore:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # the other server records the outcome (or its lease runs out)
             gevent.sleep(0.02)
-            with self._tx() as cur:
+            with self._one() as cur:
                 cur.execute("SELECT running FROM hq_jobs WHERE id = %s", (job_id,))
                 row = cur.fetchone()
             if row is None or not row[0]:
@@ -703,6 +720,9 @@ class PostgresStore:
             if wanted <= 0:
                 self._wanted.clear()
                 continue
+            # Claim ahead up to the free dispatch slots: a round trip (and a commit) per job
+            # would cap dispatch at a few hundred jobs a second.
+            wanted = max(wanted, min(CLAIM_BATCH, self.capacity - len(self._running)))
             self._wake.clear()  # a wake-up from here on is not lost: the wait below returns at once
             try:
                 jobs = self._claim_batch(wanted)
@@ -717,7 +737,7 @@ class PostgresStore:
 
     def _claim_batch(self, n):
         now = now_ms()
-        with self._tx() as cur:
+        with self._one() as cur:
             cur.execute(f"""WITH picked AS (
                     SELECT id FROM hq_jobs WHERE waiting AND NOT canceled AND run_at <= %(now)s
                     ORDER BY id LIMIT %(n)s FOR UPDATE SKIP LOCKED)
@@ -736,7 +756,7 @@ class PostgresStore:
         return jobs
 
     def _until_next_run_at(self):
-        with self._tx() as cur:
+        with self._one() as cur:
             cur.execute("SELECT min(run_at) FROM hq_jobs WHERE waiting AND NOT canceled AND run_at > %s", (now_ms(),))
             next_run = cur.fetchone()[0]
         if next_run is None:
@@ -769,15 +789,20 @@ class PostgresStore:
                 entry[1].set()
 
     def _record(self, job, after):
+        """True once the outcome is stored; False when this server no longer holds the job."""
+        with self._one() as cur:
+            # One statement in the common case; a stop that came meanwhile rules out a retry.
+            cur.execute(UPDATE_STATE + " AND running AND server_id = %s AND NOT (canceled AND %s)",
+                        (*_state_params(after), self.server_id, after.waiting))
+            if cur.rowcount:
+                return True
         with self._tx() as cur:
-            # A stop that came while the attempt ended: no further attempt (never a retry of a canceled job).
             cur.execute("SELECT canceled FROM hq_jobs WHERE id = %s AND running AND server_id = %s FOR UPDATE",
                         (job.id, self.server_id))
             row = cur.fetchone()
             if row is None:
                 return False
-            if row[0] and after.waiting:
-                after.waiting, after.canceled, after.run_at = False, True, None
-                after.err = "The job was stopped while it waited for a retry"
+            after.waiting, after.canceled, after.run_at = False, True, None  # canceled while its retry was due
+            after.err = "The job was stopped while it waited for a retry"
             cur.execute(UPDATE_STATE, _state_params(after))
         return True
