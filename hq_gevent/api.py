@@ -507,6 +507,8 @@ def add_ui_routes(app, basename):
     root = os.path.realpath(UI_DIR)
 
     def page(path=""):
+        if path == "internal" or path.startswith("internal/"):
+            raise ApiError(404, "Not Found")  # an unknown route of the UI's API, not a page
         # index.html always goes through index() so its basename placeholder is filled in.
         target = os.path.realpath(os.path.join(root, path))
         if path and path != "index.html" and target.startswith(root + os.sep) and os.path.isfile(target):

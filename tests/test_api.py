@@ -317,3 +317,10 @@ def test_request_header_parsing_limits(srv):
     assert raw_request(srv, b"GET / HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n").startswith(b"HTTP/1.1 400")
     assert raw_request(srv, b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n").startswith(b"HTTP/1.1 400")
     assert srv.api("GET", "/")[0] == 200
+
+
+def test_unknown_route_of_the_ui_api_is_a_json_404_not_the_page(srv):
+    r = srv.request("GET", "/ui/internal/nope")
+    assert r.status_code == 404 and r.json() == {"status": 404, "error": "Not Found"}
+    assert srv.request("GET", "/ui/internal/stats").status_code == 200
+    assert srv.request("GET", "/ui/jobs/123").headers["Content-Type"].startswith("text/html")
