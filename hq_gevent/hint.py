@@ -35,7 +35,8 @@ def log_identity(fd, covered):
 
 
 def encode(keydir, unique_of, identity, covered, pause=lambda: None):
-    """The hint file's bytes for `keydir` (rows = the log's first `covered` bytes); `pause()` is
+    """The hint file's bytes for `keydir` (rows = the log's first `covered` bytes) as a list of
+    parts, checksum not yet appended (write() does, where the hashing may block); `pause()` is
     called between chunks so a caller can let others run."""
     inode, device, tail = identity
     sections = []
@@ -55,18 +56,22 @@ def encode(keydir, unique_of, identity, covered, pause=lambda: None):
         "byteorder": sys.byteorder, "itemsizes": {name: array(code).itemsize for name, code in Keydir.COLUMNS},
         "sections": [[name, len(data)] for name, data in sections],
     }
-    body = MAGIC + _dumps(header) + b"\n" + b"".join(data for _, data in sections)
-    return body + hashlib.blake2b(body, digest_size=32).digest()
+    return [MAGIC + _dumps(header) + b"\n"] + [data for _, data in sections]
 
 
-def write(path, data):
-    """Write atomically: a crash leaves the old hint file or the new one, never a torn one."""
+def write(path, parts):
+    """Write `parts` and their checksum atomically: a crash leaves the old hint file or the new
+    one, never a torn one. Blocking (hashing and I/O): meant for the threadpool."""
+    digest = hashlib.blake2b(digest_size=32)
+    for part in parts:
+        digest.update(part)
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        for part in parts + [digest.digest()]:
+            view = memoryview(part)
+            while view:
+                view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)

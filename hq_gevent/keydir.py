@@ -32,6 +32,8 @@ for _flags in range(256):
 
 
 def row_flags(job):
+    if type(job) is _Fields:
+        return job.flags
     return ((SUCCESS if job.success else 0) | (FAILURE if job.failure else 0) | (CANCELED if job.canceled else 0)
             | (ACTIVE if job.waiting or job.running else 0) | (FINISH_TIME if job.finished_at is not None else 0))
 
@@ -40,6 +42,15 @@ def status_table(status):
     """A bytes.translate table: 1 for a flags byte whose row may have `status` (active rows: the
     Job decides), else 0."""
     return bytes(1 if flags & ACTIVE or STATUS_OF_FLAGS[flags] == status else 0 for flags in range(256))
+
+
+class _Fields:
+    """What put() reads of a job, for a row made from record fields."""
+    __slots__ = ("id", "finished_at", "flags", "name", "url", "comment")
+
+    def __init__(self, job_id, finished_at, flags, name, url, comment):
+        self.id, self.finished_at, self.flags, self.name, self.url, self.comment = \
+            job_id, finished_at, flags, name, url, comment
 
 
 class Strings:
@@ -121,6 +132,30 @@ class Keydir:
             if self.shadow is not None:
                 self.shadow.insert(pos, -1)
         return 0
+
+    def put_row(self, job_id, offset, length, finished, flags, name, url, comment):
+        """put() from a record's fields (the replay's fast path: no Job built); `flags` as
+        row_flags() gives them, `finished` None or ms."""
+        ids = self.ids
+        pos = len(ids) - 1
+        if pos < 0 or job_id != ids[pos]:  # not the last row (the usual case in a replay)
+            if pos < 0 or job_id > ids[pos]:
+                pos = -1
+            else:
+                pos = bisect_left(ids, job_id)
+                if ids[pos] != job_id:
+                    pos = -1
+        if pos < 0:
+            return self.put(_Fields(job_id, finished, flags, name, url, comment), offset, length)
+        old = self.lengths[pos]
+        self.offsets[pos] = offset
+        self.lengths[pos] = length
+        self.finished[pos] = -1 if finished is None else finished
+        self.flags[pos] = flags
+        self.comments[pos] = comment
+        self.names[pos] = self.name_table.add(name)
+        self.urls[pos] = self.url_table.add(url)
+        return old
 
     def remove(self, job_ids):
         """Drop the rows of `job_ids`; returns the record bytes they held."""

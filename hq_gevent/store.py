@@ -14,6 +14,7 @@ import bisect
 import collections
 import collections.abc
 import contextlib
+import ctypes
 import gc
 import logging
 import os
@@ -28,7 +29,8 @@ import ujson
 from hq_gevent import hint, retry, wal
 from hq_gevent.ids import EPOCH_MS, SEQUENCE_BITS, SERVER_ID_BITS, IdGenerator, now_ms, timestamp_ms
 from hq_gevent.job import STATUSES, Job
-from hq_gevent.keydir import ACTIVE, Keydir, status_table
+from hq_gevent.job import CANCELED, FAILURE, SUCCESS
+from hq_gevent.keydir import ACTIVE, FINISH_TIME, Keydir, status_table
 from hq_gevent.metrics import Metrics
 from hq_gevent.schedule import Schedule
 from hq_gevent.storage import JobConflict, JobNotFound, StoreUnavailable
@@ -41,6 +43,7 @@ SCAN_SLICE_SECONDS = 0.02  # a list scan yields this often (SPEC §11: at least 
 SCAN_BLOCK = 4096  # rows prefiltered at once (column masks) between looks at the clock
 SNAPSHOT_CHUNK = 1000
 OLD_READER_SECONDS = 60  # a replaced log stays readable this long for reads planned before
+RECORD_FLAGS = SUCCESS | FAILURE | CANCELED
 _ACTIVE_ROWS = bytes(1 if flags & ACTIVE else 0 for flags in range(256))
 
 
@@ -106,6 +109,7 @@ class Store:
         self.hint_covered = 0  # log bytes the start-up took from the hint file (0: a full replay)
         self.live_bytes = 0  # bytes the log would hold if rewritten now
         self._moved = None  # during a compaction: job id -> offset of its record logged meanwhile
+        self._replayed_waiting = {}  # during the replay: job id -> record, of jobs waiting so far
         self._hint_state = None  # (covered, keydir copy, unique_of, reader) at a compaction's switch-over
         self.queue = gevent.queue.Queue(maxsize=config.queues)
         self.backlog = collections.deque()  # waiting jobs that did not fit in the queue, in order
@@ -131,9 +135,15 @@ class Store:
         try:
             covered = self.hint_covered = self._load_hint()
             self.wal.load(self._replay, covered)
+            kd = self.keydir
+            for job_id, rec in self._replayed_waiting.items():
+                job = self.active[job_id] = Job.from_record(rec)
+                job.record_size = kd.lengths[kd.find(job_id)]
+            self._replayed_waiting = {}
         finally:
             gc.enable()
             gc.freeze()  # the loaded jobs stay out of later collections too
+        _release_free_memory()
         self.reader = wal.LogReader(self.wal.path)
         now = now_ms()
         for job_id in sorted(self.active):
@@ -217,7 +227,23 @@ class Store:
 
     def _replay(self, rec, offset, size):
         op = rec[0]
-        if op == "p":
+        if op == "p" and len(rec) == 15:
+            # The fast path (no delivery-policy field): a row from the record's fields; a job
+            # still waiting at the end of the replay is built from its record then.
+            (_, job_id, name, comment, url, _, _, _, waiting, _, finished, flags, _, _, _) = rec
+            if type(job_id) is not int or type(name) is not str or type(url) is not str:
+                raise ValueError("the job id is not an integer, or its name or url not a string")
+            flags = (flags & RECORD_FLAGS) | (FINISH_TIME if finished is not None else 0)
+            if waiting == 1:
+                self._replayed_waiting[job_id] = rec
+                flags |= ACTIVE
+            else:
+                self._replayed_waiting.pop(job_id, None)
+            self.active.pop(job_id, None)
+            self.unique_of.pop(job_id, None)
+            self.live_bytes += size - self.keydir.put_row(job_id, offset, size, finished, flags, name, url, comment)
+        elif op == "p":
+            self._replayed_waiting.pop(rec[1], None)
             self._index(Job.from_record(rec), offset, size)
         elif op == "d" and len(rec) == 2:
             # A delete of an unknown id is legitimate: compaction may already have left it out.
@@ -246,6 +272,7 @@ class Store:
         self.live_bytes -= self.keydir.remove(job_ids)
         for job_id in job_ids:
             self.active.pop(job_id, None)
+            self._replayed_waiting.pop(job_id, None)
             key = self.unique_of.pop(job_id, None)
             if key is not None and self.unique.get(key) == job_id:
                 del self.unique[key]
@@ -761,15 +788,18 @@ class Store:
                 log.error("Removing expired jobs failed, will retry: %s", e)
 
 
-def status_matcher(name_filter=None, term_filter=None, status=None):
+def status_matcher(name_filter=None, term_filter=None, status=None, ids=None):
     """A predicate for list_jobs, or None when nothing filters. The filters are api.TextFilter
-    (RE2, linear time): `name` searches the name; `term` the name, id, comment, url and status."""
+    (RE2, linear time): `name` searches the name; `term` the name, id, comment, url and status.
+    `ids`: the store's ids, ascending, so that the term can rule out ids a block at a time."""
     if status is not None and status not in STATUSES:
         raise ValueError(f"unknown status '{status}'")
     if not (name_filter or term_filter or status):
         return None
     # Eight statuses in all: which ones the term matches is known before the walk.
     term_statuses = frozenset(s for s in STATUSES if term_filter.search(s)) if term_filter else frozenset()
+    if term_filter is not None:
+        search_id = term_filter.id_searcher(ids) if ids is not None else lambda i: term_filter.search_unique(str(i))
 
     def match(job):
         if status is not None and job.status != status:
@@ -779,7 +809,7 @@ def status_matcher(name_filter=None, term_filter=None, status=None):
         if term_filter is not None:
             s = term_filter.search
             if not (s(job.name) or s(job.comment) or s(job.url) or (term_statuses and job.status in term_statuses)
-                    or term_filter.search_unique(str(job.id))):
+                    or search_id(job.id)):
                 return False
         return True
 
@@ -816,6 +846,16 @@ class _Prefilter:
             mask = by_name if mask is None else \
                 (int.from_bytes(by_name, "big") & int.from_bytes(mask, "big")).to_bytes(hi - lo, "big")
         return mask
+
+
+def _release_free_memory():
+    """Give the heap's free pages back to the system (glibc's malloc_trim): the replay parsed
+    every record whole and kept only the keydir's columns, leaving the freed payloads and
+    outputs scattered between live blocks, where the allocator alone would keep them resident."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _copy_keydir(kd):
