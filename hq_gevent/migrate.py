@@ -84,7 +84,7 @@ def migrate(data_dir, dsn, config, stream=sys.stderr):
             inserted = 0
             with conn.cursor() as cur:
                 for start in range(0, len(ids), BATCH):
-                    jobs = [store.jobs[job_id] for job_id in ids[start:start + BATCH]]
+                    jobs = [store.get(job_id) for job_id in ids[start:start + BATCH]]
                     # A waiting job may start from its creation on (or its runAt, kept as is).
                     rows = [job_row(job, timestamp_ms(job.id)) for job in jobs]
                     cur.executemany(INSERT + " ON CONFLICT (id) DO NOTHING", rows)

@@ -197,6 +197,8 @@ def migrate_schema(conn):
 
 
 class PostgresStore:
+    ids = None  # no in-memory id index (the WAL store's lets a `term` filter rule out ids in blocks)
+
     def __init__(self, config, metrics=None):
         self.config = config
         self.metrics = metrics or Metrics(lambda: {})
