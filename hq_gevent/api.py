@@ -1,4 +1,5 @@
 """HTTP routes: parse and validate, call the store or the dispatchers, render JSON. Nothing else."""
+import bisect
 import logging
 import mimetypes
 import os
@@ -220,11 +221,14 @@ class TextFilter:
     the binding's .search()); names, urls, comments and statuses repeat across jobs, so `search`
     remembers its answers per text, while `search_unique` is for texts that never repeat (ids)."""
     MEMO_SIZE = 10000
+    ID_BLOCK = 4096  # stored ids ruled out at once by RE2's prefilter (see id_searcher)
 
     def __init__(self, pattern):
+        self.pattern = pattern
         plain = _PLAIN.fullmatch(pattern)
         if plain:
             self.search = self.search_unique = _plain_search(*plain.groups())
+            self.prefilter = None
             return
         match = re2.compile(pattern, _RE2_OPTIONS)._regexp.Match
         unanchored = re2._Anchor.UNANCHORED
@@ -243,6 +247,43 @@ class TextFilter:
             return found
 
         self.search, self.search_unique = search, search_unique
+        # FilteredRE2: the literal strings any match must contain. None when the pattern needs none.
+        self.prefilter = re2.Filter()
+        self.prefilter.Add(pattern, _RE2_OPTIONS)
+        self.prefilter.Compile()
+        if self.prefilter.Match(b"", True):
+            self.prefilter = None
+
+    def id_searcher(self, ids):
+        """search_unique for job ids (int -> bool), given the store's ids in ascending order.
+        Every id is a new text, so each would cost one RE2 call (~0.6 us through the binding);
+        instead the ids of a whole block are ruled out at once when RE2's prefilter finds none
+        of the literals a match needs in their digits joined (one call per 4096 ids). Exact: a
+        text's literals are among those of any text containing it, and a match needs them."""
+        search_unique = self.search_unique
+        if self.prefilter is None:
+            return lambda job_id: search_unique(str(job_id))
+        prefilter, block_size = self.prefilter, self.ID_BLOCK
+        ruled_out = set()
+        by_block = [True]  # off once a block is not ruled out: the literals needed are digits
+
+        def search_id(job_id):
+            if job_id in ruled_out:
+                return False
+            if by_block[0]:
+                if len(ruled_out) > 16 * block_size:
+                    ruled_out.clear()
+                start = bisect.bisect_left(ids, job_id) // block_size * block_size
+                block = ids[start:start + block_size]
+                if prefilter.Match(b" ".join(b"%d" % i for i in block), True):
+                    by_block[0] = False
+                else:
+                    ruled_out.update(block)
+                    if job_id in ruled_out:
+                        return False
+            return search_unique(str(job_id))
+
+        return search_id
 
 
 def _plain_search(start, word, end):
@@ -458,7 +499,8 @@ def add_api_routes(app, prefix, store, dispatchers, config):
             begin = int(begin)
         reverse = query_bool("reverse")
         try:
-            match = status_matcher(query_filter("name"), query_filter("term"), query_text("status") or None)
+            match = status_matcher(query_filter("name"), query_filter("term"), query_text("status") or None,
+                                   getattr(store, "ids", None))  # a store that keeps its ids in memory
         except ValueError as e:
             raise ApiError(422, str(e)) from None
         jobs, next_id = store.list_jobs(begin, reverse, limit, match)
