@@ -166,6 +166,26 @@ def test_a_long_no_match_scan_yields_to_other_requests(make_server):
     assert max(during) < 0.5, (took, during)
 
 
+def test_term_regex_on_ids_is_exact_over_many_jobs(make_server):
+    """A term regex is tried on every id; ids are ruled out a block at a time by RE2's prefilter
+    when their digits lack the literals a match needs. The answers must be exactly the matches."""
+    import re
+    n = 10_000
+    srv = make_server(start=False, job_lifetime=0, access_log_file="")
+    os.makedirs(srv.data_dir, exist_ok=True)
+    job_ids = old_ids(n)
+    write_log(os.path.join(srv.data_dir, "jobs.jsonl"), (finished_record(job_id, "n", None) for job_id in job_ids))
+    srv.start()
+    some = str(job_ids[n // 2])
+    for pattern in (f"^({some})$", f"{some[-5:]}$|^nomatch-", "^(nomatch|nohit)-[0-9]+$", "(7){3}$", "0{2}1", r"\d{20}"):
+        want = [str(i) for i in job_ids
+                if any(re.search(pattern, text) for text in (str(i), "n", "", CLOSED_URL, "success"))]
+        listed = srv.api("GET", "/job?limit=0&term=" + requests.utils.quote(pattern, safe=""))[1]
+        assert [j["id"] for j in listed["jobs"]] == want, pattern
+        reverse = srv.api("GET", "/job?limit=0&reverse=1&term=" + requests.utils.quote(pattern, safe=""))[1]
+        assert [j["id"] for j in reverse["jobs"]] == want[::-1], pattern
+
+
 # --- 2. strict JSON in, JSON out ------------------------------------------------------------
 @pytest.mark.parametrize("body,text", [
     ('{"url": "%s", "payload": NaN}', "NaN"),
