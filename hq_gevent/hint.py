@@ -35,28 +35,28 @@ def log_identity(fd, covered):
 
 
 def encode(keydir, unique_of, identity, covered, pause=lambda: None):
-    """The hint file's bytes for `keydir` (rows = the log's first `covered` bytes) as a list of
-    parts, checksum not yet appended (write() does, where the hashing may block); `pause()` is
-    called between chunks so a caller can let others run."""
+    """The hint file of `keydir` (rows = the log's first `covered` bytes) as a list of parts
+    (the columns themselves, not copies: the keydir must not change until write() is done);
+    `pause()` is called between chunks so a caller can let others run."""
     inode, device, tail = identity
-    sections = []
+    sections = []  # (name, [parts])
     for name, _ in Keydir.COLUMNS:
-        sections.append((name, getattr(keydir, name).tobytes()))
-    sections.append(("flags", bytes(keydir.flags)))
+        sections.append((name, [getattr(keydir, name)]))
+    sections.append(("flags", [keydir.flags]))
     comments = []
     for start in range(0, len(keydir.comments), CHUNK):
-        comments.append(_dumps(keydir.comments[start:start + CHUNK]))
+        comments.append(_dumps(keydir.comments[start:start + CHUNK]) + b"\n")
         pause()
-    sections.append(("comments", b"\n".join(comments)))
-    sections.append(("nameTable", _dumps(keydir.name_table.texts)))
-    sections.append(("urlTable", _dumps(keydir.url_table.texts)))
-    sections.append(("unique", _dumps([[job_id, key] for job_id, key in unique_of.items()])))
+    sections.append(("comments", comments))
+    sections.append(("nameTable", [_dumps(keydir.name_table.texts)]))
+    sections.append(("urlTable", [_dumps(keydir.url_table.texts)]))
+    sections.append(("unique", [_dumps([[job_id, key] for job_id, key in unique_of.items()])]))
     header = {
         "logBytes": covered, "logInode": inode, "logDevice": device, "logTail": tail, "rows": len(keydir),
         "byteorder": sys.byteorder, "itemsizes": {name: array(code).itemsize for name, code in Keydir.COLUMNS},
-        "sections": [[name, len(data)] for name, data in sections],
+        "sections": [[name, sum(memoryview(p).nbytes for p in parts)] for name, parts in sections],
     }
-    return [MAGIC + _dumps(header) + b"\n"] + [data for _, data in sections]
+    return [MAGIC + _dumps(header) + b"\n"] + [p for _, parts in sections for p in parts]
 
 
 def write(path, parts):

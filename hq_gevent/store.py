@@ -110,7 +110,6 @@ class Store:
         self.live_bytes = 0  # bytes the log would hold if rewritten now
         self._moved = None  # during a compaction: job id -> offset of its record logged meanwhile
         self._replayed_waiting = {}  # during the replay: job id -> record, of jobs waiting so far
-        self._hint_state = None  # (covered, keydir copy, unique_of, reader) at a compaction's switch-over
         self.queue = gevent.queue.Queue(maxsize=config.queues)
         self.backlog = collections.deque()  # waiting jobs that did not fit in the queue, in order
         self._backlog_ready = gevent.event.Event()
@@ -677,7 +676,6 @@ class Store:
         kd = self.keydir
         kd.shadow = array("q", [-1]) * len(kd)
         self._moved = {}
-        self._hint_state = None
         try:
             self.wal.rewrite(self._snapshot(), self._switched)
         finally:
@@ -731,21 +729,22 @@ class Store:
                 shadow[pos] = offset - start + written
         kd.offsets, kd.shadow = shadow, None
         old, self.reader = self.reader, wal.LogReader(self.wal.path)
-        gevent.spawn_later(OLD_READER_SECONDS, old.close)
-        # The state the hint file describes: exactly the new log's records up to here.
-        self._hint_state = (self.wal.size, _copy_keydir(kd), dict(self.unique_of), self.reader)
+        # In the threadpool: the last close of a big replaced log frees its blocks, which takes a while.
+        gevent.spawn_later(OLD_READER_SECONDS, gevent.get_hub().threadpool.apply, old.close)
 
     def _write_hint(self):
-        state, self._hint_state = self._hint_state, None
-        if state is None:
-            return
-        covered, keydir, unique_of, reader = state
+        """The hint file of the log as it stands: the keydir is copied while no change is applied
+        (in slices, so the loop keeps serving; appends wait that long), then written."""
+        with self.wal.paused() as covered:
+            keydir = _copy_keydir(self.keydir, pause=_let_others_run)
+            unique_of = dict(self.unique_of)
+            reader = self.reader
         threadpool = gevent.get_hub().threadpool
         try:
             if not covered:  # nothing a hint could spare; an older one must not stay either
                 raise ValueError("the log is empty")
             identity = threadpool.apply(hint.log_identity, (reader.fd, covered))
-            data = hint.encode(keydir, unique_of, identity, covered, pause=lambda: gevent.sleep(0))
+            data = hint.encode(keydir, unique_of, identity, covered, pause=_let_others_run)
             threadpool.apply(hint.write, (self.hint_path, data))
         except (OSError, ValueError) as e:
             if covered:
@@ -858,13 +857,26 @@ def _release_free_memory():
         pass
 
 
-def _copy_keydir(kd):
-    """A copy of the keydir's columns and tables (memory copies: quick even at a million rows)."""
+def _let_others_run():
+    gevent.sleep(0.001)  # > 0: sleep(0) may resume this greenlet before the loop polls for I/O
+
+
+def _copy_keydir(kd, pause, rows=1 << 16):
+    """A copy of the keydir's columns and tables, `rows` at a time with pause() between."""
     copy = Keydir()
-    for name, _ in Keydir.COLUMNS:
-        setattr(copy, name, getattr(kd, name)[:])
-    copy.flags = bytearray(kd.flags)
-    copy.comments = list(kd.comments)
+    n = len(kd)
+    for name, code in Keydir.COLUMNS:
+        target = array(code)
+        size = target.itemsize
+        for start in range(0, n, rows):
+            with memoryview(getattr(kd, name)) as source:  # released before the pause
+                target.frombytes(source.cast("B")[start * size:(start + rows) * size])
+            pause()
+        setattr(copy, name, target)
+    for start in range(0, n, rows):
+        copy.flags += kd.flags[start:start + rows]
+        copy.comments += kd.comments[start:start + rows]
+        pause()
     copy.name_table.texts = list(kd.name_table.texts)
     copy.url_table.texts = list(kd.url_table.texts)
     return copy
