@@ -44,6 +44,8 @@ SCAN_SLICE_SECONDS = 0.02  # SPEC §11: a list scan yields at least every 50 ms
 SCAN_CHECK_EVERY = 64
 SCAN_BATCH = 1000
 CLAIM_BATCH = 64
+NOTIFY_GAP = 0.005
+CLAIM_GAP = 0.002  # a push is picked up by another server within this (+ a round trip)
 FINISH_RETRY_SECONDS = 0.5
 
 # One version's statements each; a server applies those above the stored version at start.
@@ -211,13 +213,17 @@ class PostgresStore:
         self.on_abort = lambda job_id: None
         self.pool = None
         self._listener = None  # the LISTEN connection; it also holds this server_id's advisory lock
-        self._trouble_reason = None  # why PostgreSQL is out of reach now, or None
+        self._trouble_reason = None  # why the LISTEN connection is down now, or None
+        self._pool_trouble = None  # why the last statement could not reach PostgreSQL (None once one did)
         self._running = {}  # job id -> (job, Event set once its outcome is recorded) for jobs running here
         self._ready = gevent.queue.Queue()  # claimed jobs not yet handed to a dispatcher
         self._want = 0  # dispatchers waiting in claim()
         self._wanted = gevent.event.Event()
         self._wake = gevent.event.Event()  # something may be ready: a push, a NOTIFY, a retry's runAt
         self._notify_due = gevent.event.Event()
+        self._notify_run_at = None  # the earliest runAt of the jobs pushed since the last NOTIFY
+        self._sleep_until = 0  # ms: when the claimer's current sleep ends (0: it is not sleeping)
+        self._next_run_at = (None, 0.0)  # (the earliest runAt ahead as last known, when it was looked up)
         self._greenlets = []
         self._gauges = ({}, 0.0, 0.0)  # last figures, when, when `stored` was counted
 
@@ -310,9 +316,9 @@ class PostgresStore:
         if self.pool is not None:
             self.pool.close(timeout=2)
 
-    def _notify_wake_now(self):
+    def _notify_wake_now(self, run_at=0):
         with contextlib.suppress(StoreUnavailable), self._one() as cur:
-            cur.execute("SELECT pg_notify(%s, 'w')", (CHANNEL,))
+            cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"w {run_at}"))
 
     # --- connections ---------------------------------------------------------------------
     @contextlib.contextmanager
@@ -328,8 +334,9 @@ class PostgresStore:
                 with conn.transaction() if transaction else contextlib.nullcontext(), conn.cursor() as cur:
                     yield cur
         except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as e:
-            self._trouble_reason = self._trouble_reason or _reason(e)
+            self._pool_trouble = _reason(e)
             raise StoreUnavailable(f"PostgreSQL is unavailable: {_reason(e)}") from None
+        self._pool_trouble = None
 
     def _one(self):
         return self._tx(transaction=False)
@@ -337,8 +344,9 @@ class PostgresStore:
     def unready_reason(self):
         if not self.loaded:
             return "connecting to PostgreSQL"
-        if self._trouble_reason:
-            return f"PostgreSQL is unreachable: {self._trouble_reason}"
+        reason = self._trouble_reason or self._pool_trouble
+        if reason:
+            return f"PostgreSQL is unreachable: {reason}"
         return None
 
     def _listen(self):
@@ -373,24 +381,40 @@ class PostgresStore:
             _, server_id, job_id = payload.split()
             if int(server_id) == self.server_id:
                 self._abort_here(int(job_id))
-        else:
-            self._wake.set()
+        elif payload.startswith("w"):
+            self._wake_for(int(payload[2:] or 0))
 
     def _notify_loop(self):
-        """Wake the other servers after pushes: one NOTIFY per round trip at most, outside the
-        pushes' transactions (NOTIFY at commit takes a database-wide lock that would serialize them)."""
+        """Wake the other servers after pushes, outside the pushes' transactions (NOTIFY at commit
+        takes a database-wide lock that would serialize them): at most one NOTIFY per NOTIFY_GAP,
+        carrying the earliest runAt pushed meanwhile."""
         while True:
             self._notify_due.wait()
             self._notify_due.clear()
+            run_at, self._notify_run_at = self._notify_run_at, None
             try:
-                self._notify_wake_now()
+                self._notify_wake_now(run_at or 0)
             except Exception:  # noqa: BLE001 - never let the notifier die
                 log.exception("NOTIFY failed")
                 gevent.sleep(0.5)
+            gevent.sleep(NOTIFY_GAP)
 
-    def _woke(self):
-        self._wake.set()  # this server's own claimer
-        self._notify_due.set()  # and the others
+    def _wake_for(self, run_at):
+        """Wake this server's claimer for a job that may start at `run_at` (ms; 0 = now), unless
+        its sleep ends before then anyway (a scheduled push must not cost a claim query). Not
+        asleep: it may be between its query for the next runAt and its sleep, so it looks again."""
+        if run_at > now_ms():
+            known, looked_at = self._next_run_at
+            if known is None or run_at < known:
+                self._next_run_at = (run_at, looked_at)
+        if run_at <= now_ms() or not self._sleep_until or run_at < self._sleep_until:
+            self._wake.set()
+
+    def _woke(self, run_at=0):
+        """New waiting jobs, the earliest may start at `run_at`: this server's claimer and the others."""
+        self._wake_for(run_at)
+        self._notify_run_at = run_at if self._notify_run_at is None else min(self._notify_run_at, run_at)
+        self._notify_due.set()
 
     # --- periodic work -------------------------------------------------------------------
     def _heartbeat_loop(self):
@@ -610,7 +634,7 @@ class PostgresStore:
                 cur.executemany(INSERT, [job_row(job, now) for job in fresh])  # pipelined: one round trip
         if fresh:
             self.metrics.pushed(len(fresh))
-            self._woke()
+            self._woke(min(job.run_at or 0 for job in fresh))
         return [(job.to_dict(), duplicate) for job, duplicate in results]
 
     def _lock_unique_keys(self, cur, keys):
@@ -735,7 +759,11 @@ class PostgresStore:
             for job in jobs:
                 self._ready.put(job)
             if pause is not None:
+                self._sleep_until = now_ms() + int(pause * 1000)
                 self._wake.wait(pause)
+                self._sleep_until = 0
+                # Under a stream of pushes, let a few gather: one claim for several jobs, not one each.
+                gevent.sleep(CLAIM_GAP)
 
     def _claim_batch(self, n):
         now = now_ms()
@@ -758,12 +786,18 @@ class PostgresStore:
         return jobs
 
     def _until_next_run_at(self):
-        with self._one() as cur:
-            cur.execute("SELECT min(run_at) FROM hq_jobs WHERE waiting AND NOT canceled AND run_at > %s", (now_ms(),))
-            next_run = cur.fetchone()[0]
-        if next_run is None:
+        """Seconds until the earliest runAt ahead (at most WAKE_FALLBACK). Looked up at most once
+        a second: a runAt pushed meanwhile (here or, by NOTIFY, elsewhere) lowers the known one."""
+        now = now_ms()
+        known, looked_at = self._next_run_at
+        if time.monotonic() - looked_at >= 1.0 or (known is not None and known <= now):
+            with self._one() as cur:
+                cur.execute("SELECT min(run_at) FROM hq_jobs WHERE waiting AND NOT canceled AND run_at > %s", (now,))
+                known = cur.fetchone()[0]
+            self._next_run_at = (known, time.monotonic())
+        if known is None:
             return WAKE_FALLBACK
-        return min(WAKE_FALLBACK, max(0.0, (next_run - now_ms()) / 1000) + 0.002)
+        return min(WAKE_FALLBACK, max(0.0, (known - now) / 1000) + 0.002)
 
     def finish(self, job, after):
         """Record an attempt's outcome if this server still holds the job. PostgreSQL out of
@@ -784,7 +818,7 @@ class PostgresStore:
                             job.id, extra={"job_id": job.id})
             job.assume(after)
             if after.waiting:
-                self._woke()  # its runAt: this server's claimer and the others re-arm their timers
+                self._woke(after.run_at)  # its runAt: this server's claimer and the others re-arm their timers
         finally:
             entry = self._running.pop(job.id, None)
             if entry is not None:
