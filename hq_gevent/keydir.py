@@ -119,14 +119,21 @@ class Keydir:
                 self.names[pos] = self.name_table.add(job.name)
                 self.urls[pos] = self.url_table.add(job.url)
                 return old
-        row = (job.id, offset, length, -1 if job.finished_at is None else job.finished_at,
-               self.name_table.add(job.name), self.url_table.add(job.url), row_flags(job), job.comment)
-        if pos == len(ids):  # the usual case: ids grow
-            for col, value in zip(self._columns(), row):
-                col.append(value)
+        finished = -1 if job.finished_at is None else job.finished_at
+        if pos == len(ids):  # the usual case: ids grow (one push, one row)
+            ids.append(job.id)
+            self.offsets.append(offset)
+            self.lengths.append(length)
+            self.finished.append(finished)
+            self.names.append(self.name_table.add(job.name))
+            self.urls.append(self.url_table.add(job.url))
+            self.flags.append(row_flags(job))
+            self.comments.append(job.comment)
             if self.shadow is not None:
                 self.shadow.append(-1)
         else:
+            row = (job.id, offset, length, finished, self.name_table.add(job.name), self.url_table.add(job.url),
+                   row_flags(job), job.comment)
             for col, value in zip(self._columns(), row):
                 col.insert(pos, value)
             if self.shadow is not None:
