@@ -1384,6 +1384,9 @@ def build_parser():
     p.add_argument("--list-seconds", type=float, default=5, help="time budget per list query (at least 3 repetitions)")
     p.add_argument("--timeout", type=float, default=600, help="bound on each scenario's pushing and waiting (s)")
     p.add_argument("--json", dest="json_out", help="also append the JSON lines to this file")
+    p.add_argument("--store", choices=["wal", "postgresql"], default="wal",
+                   help="postgresql: durable push/s and e2e jobs/s of the PostgreSQL store with 1 and 2 servers and "
+                        "of the WAL store, in one run, on a throwaway PostgreSQL cluster (bench/pg.py)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs)")
     p.add_argument("--profile", metavar="DIR", help="sample every server with py-spy; raw stacks and top frames go to DIR")
     return p
@@ -1421,6 +1424,15 @@ def main(argv=None):
             build_parser().error("--profile needs py-spy (python3 -m pip install py-spy)")
         os.makedirs(opts.profile, exist_ok=True)
         opts.profile = os.path.abspath(opts.profile)
+
+    if opts.store == "postgresql":
+        from bench import pg
+
+        workdir = tempfile.mkdtemp(prefix="hq-bench-pg-")
+        try:
+            return pg.main(opts, workdir)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
 
     main_greenlet = gevent.getcurrent()
     # SIGTERM behaves like Ctrl-C: unwind through the finally below, which kills every child.
