@@ -227,26 +227,19 @@ class TextFilter:
         self.pattern = pattern
         plain = _PLAIN.fullmatch(pattern)
         if plain:
-            self.search = self.search_unique = _plain_search(*plain.groups())
+            self.search_unique = _plain_search(*plain.groups())
+            self.search = _Memo(self.search_unique, self.MEMO_SIZE).__getitem__
             self.prefilter = None
             return
         match = re2.compile(pattern, _RE2_OPTIONS)._regexp.Match
         unanchored = re2._Anchor.UNANCHORED
-        memo = {}
 
         def search_unique(text):
             raw = text.encode("utf-8", "surrogatepass")  # an old log's lone surrogate must not fail a list
             return match(unanchored, raw, 0, len(raw))[0][0] >= 0
 
-        def search(text):
-            found = memo.get(text)
-            if found is None:
-                if len(memo) >= self.MEMO_SIZE:
-                    memo.clear()
-                found = memo[text] = search_unique(text)
-            return found
-
-        self.search, self.search_unique = search, search_unique
+        self.search_unique = search_unique
+        self.search = _Memo(search_unique, self.MEMO_SIZE).__getitem__
         # FilteredRE2: the literal strings any match must contain. None when the pattern needs none.
         self.prefilter = re2.Filter()
         self.prefilter.Add(pattern, _RE2_OPTIONS)
@@ -257,33 +250,49 @@ class TextFilter:
     def id_searcher(self, ids):
         """search_unique for job ids (int -> bool), given the store's ids in ascending order.
         Every id is a new text, so each would cost one RE2 call (~0.6 us through the binding);
-        instead the ids of a whole block are ruled out at once when RE2's prefilter finds none
-        of the literals a match needs in their digits joined (one call per 4096 ids). Exact: a
-        text's literals are among those of any text containing it, and a match needs them."""
+        instead a block of 4096 stored ids is ruled out at once when RE2's prefilter finds none
+        of the literals a match needs in their digits (one call). Exact: a text's literals are
+        among those of any text containing it, and a match needs them. The block is remembered
+        as its id range: a store that keeps its ids in memory is one server, whose new ids are
+        always above every stored one (SPEC §2), so no id appears inside a range later."""
         search_unique = self.search_unique
         if self.prefilter is None:
             return lambda job_id: search_unique(str(job_id))
         prefilter, block_size = self.prefilter, self.ID_BLOCK
-        ruled_out = set()
+        ruled_out = [1, 0]  # the id range of the last block ruled out (none yet)
         by_block = [True]  # off once a block is not ruled out: the literals needed are digits
 
         def search_id(job_id):
-            if job_id in ruled_out:
+            lo, hi = ruled_out
+            if lo <= job_id <= hi:
                 return False
             if by_block[0]:
-                if len(ruled_out) > 16 * block_size:
-                    ruled_out.clear()
                 start = bisect.bisect_left(ids, job_id) // block_size * block_size
-                block = ids[start:start + block_size]
-                if prefilter.Match(b" ".join(b"%d" % i for i in block), True):
-                    by_block[0] = False
-                else:
-                    ruled_out.update(block)
-                    if job_id in ruled_out:
+                block = list(ids[start:start + block_size])
+                if block and not prefilter.Match(str(block).encode(), True):
+                    ruled_out[:] = block[0], block[-1]
+                    if block[0] <= job_id <= block[-1]:
                         return False
+                else:
+                    by_block[0] = False
             return search_unique(str(job_id))
 
         return search_id
+
+
+class _Memo(dict):
+    """text -> answer, computed on a miss: a hit is one dict lookup, no Python frame (a filter
+    asks about the same names, urls and statuses again and again)."""
+
+    def __init__(self, compute, limit):
+        super().__init__()
+        self.compute, self.limit = compute, limit
+
+    def __missing__(self, text):
+        if len(self) >= self.limit:
+            self.clear()
+        found = self[text] = self.compute(text)
+        return found
 
 
 def _plain_search(start, word, end):
