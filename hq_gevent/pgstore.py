@@ -198,6 +198,53 @@ def migrate_schema(conn):
             log.info("PostgreSQL schema migrated to version %d", step)
 
 
+class Batcher:
+    """Concurrent calls of one kind become one transaction (group commit, like the WAL's): each
+    caller queues its item and waits; one greenlet writes everything queued so far, then the lot
+    that queued meanwhile. `write(items)` returns one result per item, in order."""
+
+    def __init__(self, write):
+        self._write = write
+        self._queue = []
+        self._due = gevent.event.Event()
+        self._greenlet = None
+
+    def start(self):
+        self._greenlet = gevent.spawn(self._loop)
+
+    def stop(self):
+        if self._greenlet is not None:
+            self._greenlet.kill()
+            self._greenlet = None
+        queued, self._queue = self._queue, []
+        for _, result in queued:
+            result.set_exception(StoreUnavailable("the server is stopping"))
+
+    def submit(self, item):
+        if self._greenlet is None:  # not started (or stopped): write it alone
+            return self._write([item])[0]
+        result = gevent.event.AsyncResult()
+        self._queue.append((item, result))
+        self._due.set()
+        return result.get()
+
+    def _loop(self):
+        while True:
+            self._due.wait()
+            self._due.clear()
+            batch, self._queue = self._queue, []
+            if not batch:
+                continue
+            try:
+                values = self._write([item for item, _ in batch])
+            except Exception as e:  # noqa: BLE001 - every caller gets it (StoreUnavailable: a 503)
+                for _, result in batch:
+                    result.set_exception(e)
+            else:
+                for (_, result), value in zip(batch, values):
+                    result.set(value)
+
+
 class PostgresStore:
     ids = None  # no in-memory id index (the WAL store's lets a `term` filter rule out ids in blocks)
 
@@ -225,6 +272,8 @@ class PostgresStore:
         self._sleep_until = 0  # ms: when the claimer's current sleep ends (0: it is not sleeping)
         self._next_run_at = (None, 0.0)  # (the earliest runAt ahead as last known, when it was looked up)
         self._greenlets = []
+        self._pushes = Batcher(self._insert_jobs)  # single pushes: one INSERT transaction for all queued
+        self._finishes = Batcher(self._update_outcomes)  # outcomes: one UPDATE transaction for all queued
         self._gauges = ({}, 0.0, 0.0)  # last figures, when, when `stored` was counted
 
     # --- start and stop ----------------------------------------------------------------
@@ -295,9 +344,13 @@ class PostgresStore:
                            gevent.spawn(self._rescue_loop)]
         if self.config.job_lifetime:
             self._greenlets.append(gevent.spawn(self._sweep_loop))
+        self._pushes.start()
+        self._finishes.start()
 
     def close(self):
         gevent.killall(self._greenlets)
+        self._pushes.stop()
+        self._finishes.stop()
         try:
             with self._tx() as cur:
                 # Jobs abandoned at shutdown wait again at once (no lease to run out first).
@@ -606,7 +659,20 @@ class PostgresStore:
 
     # --- changes -------------------------------------------------------------------------
     def push(self, spec):
-        return self.push_many([spec])[0]
+        if spec.unique_key is not None:
+            return self.push_many([spec])[0]
+        job = Job(self.ids_gen.next_id(), spec.name, spec.comment, spec.url, spec.payload, spec.headers,
+                  spec.timeout, spec.retry, spec.run_at, None)
+        self._pushes.submit(job)  # returns once committed with the others queued alongside
+        self.metrics.pushed(1)
+        self._woke(job.run_at or 0)
+        return job.to_dict(), False
+
+    def _insert_jobs(self, jobs):
+        now = now_ms()
+        with self._tx(transaction=len(jobs) > 1) as cur:
+            cur.executemany(INSERT, [job_row(job, now) for job in jobs])  # pipelined: one round trip
+        return [True] * len(jobs)
 
     def push_many(self, specs):
         """All new jobs of `specs` in one transaction: [(view, duplicate)] in order. A uniqueKey
@@ -824,14 +890,24 @@ class PostgresStore:
             if entry is not None:
                 entry[1].set()
 
+    def _update_outcomes(self, items):
+        """[(job, after)] in one transaction: for each, True when it was stored (this server still
+        holds the job, and no stop came while it was to be retried)."""
+        stored = set()
+        with self._tx(transaction=len(items) > 1) as cur:
+            cur.executemany(UPDATE_STATE + " AND running AND server_id = %s AND NOT (canceled AND %s) RETURNING id",
+                            [(*_state_params(after), self.server_id, after.waiting) for _, after in items],
+                            returning=True)
+            while True:
+                stored.update(row[0] for row in cur.fetchall())
+                if not cur.nextset():
+                    break
+        return [job.id in stored for job, _ in items]
+
     def _record(self, job, after):
         """True once the outcome is stored; False when this server no longer holds the job."""
-        with self._one() as cur:
-            # One statement in the common case; a stop that came meanwhile rules out a retry.
-            cur.execute(UPDATE_STATE + " AND running AND server_id = %s AND NOT (canceled AND %s)",
-                        (*_state_params(after), self.server_id, after.waiting))
-            if cur.rowcount:
-                return True
+        if self._finishes.submit((job, after)):
+            return True
         with self._tx() as cur:
             cur.execute("SELECT canceled FROM hq_jobs WHERE id = %s AND running AND server_id = %s FOR UPDATE",
                         (job.id, self.server_id))
