@@ -79,6 +79,23 @@ def test_a_push_to_a_busy_server_is_picked_up_by_an_idle_one(servers, worker):
     worker.release()
 
 
+def test_a_run_at_pushed_to_a_busy_server_is_kept_by_an_idle_one(servers, worker):
+    a, b = servers(2, dispatchers=1, max_workers=0)
+    worker.hold()
+    blocker = a.push(url=worker.url, name="blocker")
+    a.wait_job(blocker["id"], ("running",))
+    busy = a if running_here(a) else b
+    time.sleep(1.5)  # the idle server has settled into its long sleep (nothing scheduled)
+    pushed_at = time.monotonic()
+    job = busy.push(url=worker.url, name="later", delay=1)
+    arrived = worker.wait_requests(2, timeout=15)[1]
+    assert arrived["headers"]["x-hq-job-id"] == job["id"]
+    late = arrived["time"] - pushed_at - 1
+    # Without the NOTIFY carrying its runAt the idle server would look again only after its 5 s sleep.
+    assert -0.05 <= late < 1.5, f"started {late:+.2f}s from its runAt (SPEC: within 1 s)"
+    worker.release()
+
+
 def test_a_stop_sent_to_another_server_cancels_the_running_request_within_a_second(servers, worker):
     s = servers(3, dispatchers=1, max_workers=2)
     worker.hold()
