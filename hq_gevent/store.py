@@ -42,6 +42,7 @@ HINT_NAME = "jobs.hint"
 SCAN_SLICE_SECONDS = 0.02  # a list scan yields this often (SPEC §11: at least every 50 ms)
 SCAN_BLOCK = 4096  # rows prefiltered at once (column masks) between looks at the clock
 SNAPSHOT_CHUNK = 1000
+RECENT_READS = 1000  # finished jobs kept parsed after a read (~5 KB each with 2 KB payload and output)
 OLD_READER_SECONDS = 60  # a replaced log stays readable this long for reads planned before
 RECORD_FLAGS = SUCCESS | FAILURE | CANCELED
 _ACTIVE_ROWS = bytes(1 if flags & ACTIVE else 0 for flags in range(256))
@@ -106,6 +107,7 @@ class Store:
         self.wal = wal.WriteAheadLog(os.path.join(data_dir, LOG_NAME), config.wal_fsync, self.metrics)
         self.hint_path = os.path.join(data_dir, HINT_NAME)
         self.reader = None  # wal.LogReader of the current log
+        self._recent = collections.OrderedDict()  # (reader, offset) -> Job read from there
         self.hint_covered = 0  # log bytes the start-up took from the hint file (0: a full replay)
         self.live_bytes = 0  # bytes the log would hold if rewritten now
         self._moved = None  # during a compaction: job id -> offset of its record logged meanwhile
@@ -351,11 +353,20 @@ class Store:
 
     def _read(self, wanted):
         """Jobs from their log records, [(job_id, reader, offset, length)] in one threadpool
-        pass per reader. A read that fails is a 503 for this request (StoreUnavailable)."""
+        pass per reader. A read that fails is a 503 for this request (StoreUnavailable).
+        The last RECENT_READS jobs read are kept parsed (a record at an offset of one log file
+        never changes, and a finished job is never changed in place): a page asked again and
+        again (a UI's first page) is not read and parsed again each time."""
         by_reader = {}
-        for index, (_, reader, offset, length) in enumerate(wanted):
-            by_reader.setdefault(reader, []).append((index, offset, length))
         jobs = [None] * len(wanted)
+        recent = self._recent
+        for index, (job_id, reader, offset, length) in enumerate(wanted):
+            job = recent.get((reader, offset))
+            if job is not None and job.id == job_id:
+                recent.move_to_end((reader, offset))
+                jobs[index] = job
+            else:
+                by_reader.setdefault(reader, []).append((index, offset, length))
         threadpool = gevent.get_hub().threadpool
         for reader, spans in by_reader.items():
             datas = threadpool.apply(reader.read_many, ([(offset, length) for _, offset, length in spans],))
@@ -372,7 +383,9 @@ class Store:
                     log.error("%s: the record at byte %d is not job %d (%s)", reader.path, offset, job_id, job)
                     raise StoreUnavailable(f"the job log does not hold job {job_id} where expected")
                 job.record_size = length
-                jobs[index] = job
+                jobs[index] = recent[reader, offset] = job
+                if len(recent) > RECENT_READS:
+                    recent.popitem(last=False)
         return jobs
 
     # --- changes ------------------------------------------------------------------------

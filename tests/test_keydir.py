@@ -4,6 +4,7 @@ while the server keeps serving."""
 import os
 import shutil
 import tempfile
+import time
 
 import gevent
 from hypothesis import HealthCheck, example, given, settings
@@ -108,7 +109,10 @@ def test_unreadable_record_is_a_503_and_the_server_keeps_serving(make_server, wo
     worker.respond(200, b"done")
     srv = make_server(job_lifetime=0)
     pushed = srv.push(url=worker.url + "/w", payload={"a": 1}, comment="kept")
-    assert srv.wait_job(pushed["id"])["output"] == "done"
+    deadline = time.monotonic() + 15  # wait without reading it: a job once read is kept parsed
+    while srv.api("GET", "/job?status=waiting")[1]["count"] or srv.api("GET", "/job?status=running")[1]["count"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     log_path = os.path.join(srv.data_dir, "jobs.jsonl")
     os.truncate(log_path, 0)  # the record the keydir points at is gone
     status, body = srv.api("GET", f"/job/{pushed['id']}")
@@ -118,3 +122,26 @@ def test_unreadable_record_is_a_503_and_the_server_keeps_serving(make_server, wo
     assert srv.request("GET", "/stats").status_code == 200
     assert srv.proc.poll() is None
     assert "Reading jobs from" in srv.log()
+
+
+def test_a_job_read_once_is_not_read_again(tmp_path):
+    """The recent-reads cache: a page asked twice reads the log once; a changed job is read anew."""
+    store = Store(str(tmp_path), Config(wal_fsync="no", job_lifetime=0))
+    store.load()
+    store.open(gevent.get_hub().threadpool)
+    ids = [int(store.push(JobSpec("n", "", "http://127.0.0.1:9/", '{"i":%d}' % i, None, 0))[0]["id"]) for i in range(5)]
+    for job_id in ids:
+        job = store.active[job_id]
+        assert store.take(job)
+        store.finish(job, job.finished(success=True, output=f"first {job_id}"))
+    first = [job.output for job in store.list_jobs()[0]]
+    reads = []
+    real = store.reader.read_many
+    store.reader.read_many = lambda spans: (reads.append(len(spans)), real(spans))[1]
+    assert [job.output for job in store.list_jobs()[0]] == first and reads == []
+    store.restart(ids[2])
+    job = store.active[ids[2]]
+    assert store.take(job)
+    store.finish(job, job.finished(failure=True, output="second"))
+    assert [job.output for job in store.list_jobs()[0]][2] == "second" and reads == [1]
+    store.close()
