@@ -470,18 +470,29 @@ class PostgresStore:
         self._notify_due.set()
 
     # --- periodic work -------------------------------------------------------------------
-    def _heartbeat_loop(self):
+    @staticmethod
+    def _every(seconds, work, what):
+        """Run `work` every `seconds` for good: a failure is logged, never the end of the loop."""
         while True:
-            gevent.sleep(max(1.0, self.lease / 3))
+            gevent.sleep(seconds)
             try:
-                with self._one() as cur:
-                    cur.execute("UPDATE hq_servers SET heartbeat_at = now() WHERE server_id = %s", (self.server_id,))
-                    if self._running:
-                        cur.execute("UPDATE hq_jobs SET lease_until = now() + make_interval(secs => %s) "
-                                    "WHERE id = ANY(%s) AND running AND server_id = %s",
-                                    (self.lease, list(self._running), self.server_id))
+                work()
             except StoreUnavailable as e:
-                log.warning("Heartbeat failed: %s", e)
+                log.warning("%s failed, will retry: %s", what, e)
+            except Exception:  # noqa: BLE001 - a bug must not stop leases, rescues or sweeps for good
+                log.exception("%s failed unexpectedly, will retry", what)
+
+    def _heartbeat_loop(self):
+        self._every(max(1.0, self.lease / 3), self.heartbeat, "Heartbeat and lease renewal")
+
+    def heartbeat(self):
+        """This server is alive, and so are the requests it runs: their leases start again."""
+        with self._one() as cur:
+            cur.execute("UPDATE hq_servers SET heartbeat_at = now() WHERE server_id = %s", (self.server_id,))
+            if self._running:
+                cur.execute("UPDATE hq_jobs SET lease_until = now() + make_interval(secs => %s) "
+                            "WHERE id = ANY(%s) AND running AND server_id = %s",
+                            (self.lease, list(self._running), self.server_id))
 
     def _release(self, cur, where, **params):
         cur.execute(RELEASE.format(where=where), dict(params, now=now_ms(), sid=self.server_id))
@@ -502,12 +513,7 @@ class PostgresStore:
         return rescued
 
     def _rescue_loop(self):
-        while True:
-            gevent.sleep(RESCUE_EVERY)
-            try:
-                self.rescue()
-            except StoreUnavailable as e:
-                log.warning("Rescue of expired leases failed: %s", e)
+        self._every(RESCUE_EVERY, self.rescue, "Rescue of expired leases")
 
     def expire_old_jobs(self):
         """Delete finished jobs whose finishedAt is older than job_lifetime, if no server did it
@@ -528,12 +534,7 @@ class PostgresStore:
         return removed
 
     def _sweep_loop(self):
-        while True:
-            gevent.sleep(self.config.job_lifetime_interval)
-            try:
-                self.expire_old_jobs()
-            except StoreUnavailable as e:
-                log.error("Removing expired jobs failed, will retry: %s", e)
+        self._every(self.config.job_lifetime_interval, self.expire_old_jobs, "Removing expired jobs")
 
     # --- stats ---------------------------------------------------------------------------
     def _counts(self, everything=True):
@@ -765,10 +766,11 @@ class PostgresStore:
                                      err="The job was stopped before it started" if not job.attempts
                                      else "The job was stopped while it waited for a retry")
                 cur.execute(UPDATE_STATE, _state_params(after))
-                self.metrics.finished("canceled")
-                return
             else:
                 raise JobConflict(f"The job {job.id} is not active")
+        if not job.running:
+            self.metrics.finished("canceled")
+            return
         if server_id == self.server_id:
             done = self._abort_here(job_id)
             if done is not None:
@@ -821,6 +823,10 @@ class PostgresStore:
                 pause = None if len(jobs) >= wanted else self._until_next_run_at()
             except StoreUnavailable:
                 gevent.sleep(0.5)
+                continue
+            except Exception:  # noqa: BLE001 - dispatch must not stop for good
+                log.exception("Claiming jobs failed unexpectedly, will retry")
+                gevent.sleep(1)
                 continue
             for job in jobs:
                 self._ready.put(job)
