@@ -574,8 +574,8 @@ class PostgresStore:
         now = time.monotonic()
         if now - at >= 1.0:
             try:
-                # Counting every stored row costs a walk of the primary key: every 10 s is enough for a graph.
-                everything = now - stored_at >= 10.0
+                # Counting every stored row walks the primary key: past 100k rows, every 10 s is enough for a graph.
+                everything = now - stored_at >= (10.0 if values.get("stored", 0) > 100000 else 1.0)
                 waiting, scheduled, ready, running, stored, _ = self._counts(everything)
                 values = {"waiting": waiting - scheduled, "scheduled": scheduled, "running": running,
                           "stored": stored if everything else values.get("stored", 0),
