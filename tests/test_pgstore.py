@@ -140,3 +140,16 @@ def test_a_no_match_filter_over_many_rows_never_stalls_other_requests(make_serve
     status, body = result["answer"]
     assert status == 200 and body["count"] == 0 and body["hasNext"] is False
     assert slowest < 1.0, f"GET / took {slowest:.2f}s during the scan ({result['took']:.1f}s)"
+
+
+def test_migrate_errors_are_one_line(make_server, worker, tmp_path, pg_cluster):  # pg_cluster: skip without psycopg
+    missing = migrate("--from-data-dir", str(tmp_path / "nothing"), "--to-postgresql", "postgresql://127.0.0.1:1/x")
+    assert missing.returncode == 1 and "holds no job log" in missing.stderr
+    wal = make_server(name="wal")
+    wal.push(url=worker.url)
+    wal.stop()
+    down = migrate("--from-data-dir", wal.data_dir, "--to-postgresql", f"postgresql://postgres@127.0.0.1:{free_port()}/x")
+    assert down.returncode == 1 and "cannot connect to PostgreSQL" in down.stderr
+    no_dsn = migrate("--from-data-dir", wal.data_dir, env={"HQ_POSTGRESQL_DSN": ""})
+    assert no_dsn.returncode == 1 and "--to-postgresql" in no_dsn.stderr
+    assert all("Traceback" not in r.stderr for r in (missing, down, no_dsn))
