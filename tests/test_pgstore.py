@@ -153,3 +153,13 @@ def test_migrate_errors_are_one_line(make_server, worker, tmp_path, pg_cluster):
     no_dsn = migrate("--from-data-dir", wal.data_dir, env={"HQ_POSTGRESQL_DSN": ""})
     assert no_dsn.returncode == 1 and "--to-postgresql" in no_dsn.stderr
     assert all("Traceback" not in r.stderr for r in (missing, down, no_dsn))
+
+
+@pytest.mark.slow
+def test_the_bench_compares_the_stores_on_its_own_cluster(pg_cluster):  # pg_cluster: skip without PostgreSQL
+    out = subprocess.run([sys.executable, "-m", "bench", "--store", "postgresql", "--n", "300"], capture_output=True,
+                         text=True, cwd=str(ROOT), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line.split()[:1] in (["wal"], ["postgresql"])]
+    assert [(r[0], r[1]) for r in rows] == [("wal", "1"), ("postgresql", "1"), ("postgresql", "2")]
+    assert all(r[4:] == ["0", "0", "0"] for r in rows), out.stdout  # lost, duplicates, errors
