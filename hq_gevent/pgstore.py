@@ -20,9 +20,14 @@ import zlib
 import gevent
 import gevent.event
 import gevent.queue
-import psycopg
-import psycopg_pool
 import ujson
+
+try:
+    import psycopg
+    import psycopg_pool
+except ImportError as e:  # the 'postgresql' extra is not installed: load() says so
+    psycopg = psycopg_pool = None
+    _MISSING = e
 
 from hq_gevent import retry
 from hq_gevent.ids import EPOCH_MS, SEQUENCE_BITS, SERVER_ID_BITS, IdGenerator, now_ms
@@ -287,6 +292,9 @@ class PostgresStore:
                 "options": "-c statement_timeout=30000"}
 
     def load(self):
+        if psycopg is None:
+            raise StoreUnavailable(f"store = \"postgresql\" needs psycopg 3 ({_MISSING}): "
+                                   "pip install 'hq-gevent[postgresql]'")
         try:
             # The listening connection first: an unreachable database fails the start at once,
             # with libpq's own reason, and a server_id in use is refused before any change.
