@@ -254,6 +254,12 @@ class PostgresStore:
     ids = None  # no in-memory id index (the WAL store's lets a `term` filter rule out ids in blocks)
 
     def __init__(self, config, metrics=None):
+        # psycopg's own log lines (the pool's reconnect attempts, several a second in an outage)
+        # go through the server's handlers in its format (text or JSON), errors only: the outage
+        # itself is logged once here and shown by /readyz.
+        driver_log = logging.getLogger("psycopg")
+        driver_log.handlers, driver_log.propagate = list(log.handlers), False
+        driver_log.setLevel(logging.ERROR)
         self.config = config
         self.metrics = metrics or Metrics(lambda: {})
         self.server_id = config.server_id
