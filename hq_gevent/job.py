@@ -134,13 +134,13 @@ class Job:
             "status": self.status,
             "retry": retry.to_dict(self.retry),
             "attempts": self.attempts,
-            "runAt": format_ms(self.run_at) if self.scheduled(now_ms()) else None,
+            "runAt": None if self.run_at is None or not self.scheduled(now_ms()) else format_ms(self.run_at),
             "uniqueKey": self.unique_key,
             "history": [
                 {"attempt": n, "startedAt": format_ms(started), "finishedAt": format_ms(finished),
                  "statusCode": code, "err": err}
-                for n, started, finished, code, err in self.history or ()
-            ],
+                for n, started, finished, code, err in self.history
+            ] if self.history else [],
         }
 
     # --- outcomes (each returns the next state; the store logs it, then the job assumes it) ---
@@ -282,6 +282,7 @@ def fields_from_request(body):
 
 # --- the delivery-policy keys of a push (SPEC §10.2) ---------------------------------------
 MAX_UNIQUE_KEY = 256
+_POLICY_KEYS = frozenset(("retry", "delay", "runAt", "uniqueKey"))
 
 
 class JobSpec:
@@ -300,6 +301,8 @@ def spec_from_request(body, default_retry, allowed_hosts=None):
     refusal = allowed_hosts.push_refusal(fields[2]) if allowed_hosts else None
     if refusal:
         raise InvalidJob(422, refusal)
+    if not _POLICY_KEYS.intersection(body):  # HQ's fields only: the server's defaults, now
+        return JobSpec(*fields, default_retry)
     try:
         policy = retry.from_request(body.get("retry"), default_retry)
         run_at = schedule.run_at_from_request(body, now_ms())

@@ -69,8 +69,15 @@ def from_request(value, default):
     return shared((attempts, min_backoff, max_backoff, max_duration))
 
 
+_rendered = {}
+
+
 def to_dict(policy):
-    return dict(zip(KEYS, policy))
+    """The policy as the API shows it; one dict per distinct policy, shared (renderers only read it)."""
+    rendered = _rendered.get(policy)
+    if rendered is None:
+        rendered = _rendered[policy] = dict(zip(KEYS, policy))
+    return rendered
 
 
 def next_wait(policy, attempts, status_code=None, retry_after=None, no_retry=False, first_started_ms=0, now_ms=0):

@@ -432,7 +432,16 @@ class Store:
     def push(self, spec):
         """Store a new job durably and enqueue it: (its view as enqueued, False), or
         (the stored job's view, True) when its uniqueKey is taken (SPEC §10.4)."""
-        return self.push_many([spec])[0]
+        if spec.unique_key is not None:
+            return self.push_many([spec])[0]
+        job = self._new_job(spec)  # the common case: no key to check, claim or wait for
+        view = job.to_dict()
+        self.metrics.pushed(self._log_waiting([job]))
+        return view, False
+
+    def _new_job(self, spec):
+        return Job(self.ids_gen.next_id(), spec.name, spec.comment, spec.url, spec.payload, spec.headers,
+                   spec.timeout, spec.retry, spec.run_at, spec.unique_key)
 
     def push_many(self, specs):
         """Store all new jobs of `specs` in one durable log write: [(view, duplicate)] in order."""
@@ -451,15 +460,14 @@ class Store:
             if holder is not None:
                 results.append((holder, True))
                 continue
-            job = Job(self.ids_gen.next_id(), spec.name, spec.comment, spec.url, spec.payload, spec.headers,
-                      spec.timeout, spec.retry, spec.run_at, spec.unique_key)
+            job = self._new_job(spec)
             if spec.unique_key is not None:
                 claimed[spec.unique_key] = job
             fresh.append(job)
             results.append((job, False))
         views = [(job.to_dict(), False) if isinstance(job, Job) else None for job, _ in results]
         if fresh:
-            done = gevent.event.Event()
+            done = gevent.event.Event() if claimed else None
             for key in claimed:
                 self._unique_pending[key] = done
             try:
@@ -467,7 +475,8 @@ class Store:
             finally:
                 for key in claimed:
                     del self._unique_pending[key]
-                done.set()
+                if done is not None:
+                    done.set()
         for index, (holder, duplicate) in enumerate(results):
             if duplicate:  # a stored holder (an id: reading it may yield, so only now)
                 holder = holder if isinstance(holder, Job) else self._holder_job(holder)
