@@ -883,7 +883,7 @@ def _let_others_run():
     gevent.sleep(0.001)  # > 0: sleep(0) may resume this greenlet before the loop polls for I/O
 
 
-def _copy_keydir(kd, pause, rows=1 << 16):
+def _copy_keydir(kd, pause, rows=1 << 18):
     """A copy of the keydir's columns and tables, `rows` at a time with pause() between."""
     copy = Keydir()
     n = len(kd)
