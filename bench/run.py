@@ -562,17 +562,23 @@ def stored_jobs(server, deadline, page=5000):
     return jobs
 
 
-def wait_delivered(worker, server, ids, deadline):
+def wait_delivered(worker, server, ids, deadline, quiet_until=0.0):
     """Poll the worker until every id has arrived; returns the arrivals map (maybe incomplete).
 
     Gives up early when the server has been idle (nothing waiting or running) for 2 s while ids
     are still missing: those jobs are lost, and waiting out the whole bound would not find them.
+    Also when nothing new has arrived for STALL_S (after `quiet_until`: scheduled jobs may
+    legitimately keep the worker quiet until then): a server that holds jobs it never sends.
     """
     want = len(ids)
     idle_since = None
     next_idle_check = time.monotonic() + 0.5
+    stall = Stall(quiet_until)
     while time.monotonic() < deadline:
-        if worker.stats()["unique"] >= want:
+        unique = worker.stats()["unique"]
+        if stall.stuck(unique):
+            break
+        if unique >= want:
             arrivals = worker.arrivals()
             if all(i in arrivals for i in ids):
                 return arrivals
@@ -597,9 +603,13 @@ def wait_succeeded(worker, server, want, deadline):
     """
     idle_since = None
     next_idle_check = time.monotonic() + 0.5
+    stall = Stall()
     while time.monotonic() < deadline:
-        if worker.stats()["successIds"] >= want:
+        stats = worker.stats()
+        if stats["successIds"] >= want:
             return True
+        if stall.stuck(stats["requests"]):
+            break
         gevent.sleep(0.005)
         if time.monotonic() >= next_idle_check:
             next_idle_check = time.monotonic() + 0.5
@@ -610,6 +620,26 @@ def wait_succeeded(worker, server, want, deadline):
             else:
                 idle_since = None
     return False
+
+
+STALL_S = 60.0
+
+
+class Stall:
+    """Whether a counter has not moved for STALL_S seconds (not counting the time before `quiet_until`)."""
+
+    def __init__(self, quiet_until=0.0):
+        self.value = None
+        self.since = max(time.monotonic(), quiet_until)
+
+    def stuck(self, value):
+        now = time.monotonic()
+        if value != self.value:
+            self.value, self.since = value, max(now, self.since)
+        if now - self.since > STALL_S:
+            log(f"nothing new at the worker for {STALL_S:.0f} s; the jobs still missing count as lost")
+            return True
+        return False
 
 
 def wait_finished(server, job_id, deadline):
@@ -918,7 +948,8 @@ def sc_schedule(ctx, side):
     stops = [load.build_request("POST", f"/job/{job_id}/stop", None, server.auth) for job_id in calibration]
     stopped = load.run(HOST, server.port, stops, opts.concurrency, opts.timeout)
     t_start = min((sent for sent, _, _ in acked), default=push_end)
-    arrivals = wait_delivered(worker, server, [job_id for _, job_id, _ in acked], mono0 + lead + spread + opts.timeout)
+    arrivals = wait_delivered(worker, server, [job_id for _, job_id, _ in acked], mono0 + lead + spread + opts.timeout,
+                              quiet_until=mono0 + lead + spread)
     cpu = meter.figures()
     late, early, pushed_after_due, due = [], 0, 0, []
     for sent, job_id, i in acked:
