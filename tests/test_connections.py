@@ -286,3 +286,16 @@ def test_text_log_stays_the_default(make_server):
     assert srv.stop() == 0
     lines = [line for line in srv.log().splitlines() if not line.startswith("{")]  # access lines are JSON
     assert lines and all(re.match(r"^\S+ (DEBUG|INFO|WARN|ERROR) ", line) for line in lines), lines
+
+
+def test_deadlines_start_from_their_full_length_for_every_request(make_server):
+    """Each request gets the whole request_header_timeout for its head and the whole
+    keepalive_timeout of idleness before it, however many came before on the connection."""
+    srv = make_server(request_header_timeout=1, keepalive_timeout=2)
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+        for _ in range(3):  # 3 x 0.6 s of head time > 1 s; 3 x 1.2 s idle > 2 s
+            s.sendall(b"GET / HTTP/1.1\r\nHo")
+            time.sleep(0.6)
+            s.sendall(b"st: x\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+            time.sleep(1.2)
