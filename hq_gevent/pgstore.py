@@ -33,7 +33,7 @@ from hq_gevent import retry
 from hq_gevent.ids import EPOCH_MS, SEQUENCE_BITS, SERVER_ID_BITS, IdGenerator, now_ms
 from hq_gevent.job import Job
 from hq_gevent.metrics import Metrics
-from hq_gevent.storage import JobConflict, JobNotFound, StoreUnavailable
+from hq_gevent.storage import JobConflict, JobNotFound, StoreUnavailable, refuse_active
 
 log = logging.getLogger("hq_gevent")
 
@@ -739,17 +739,10 @@ class PostgresStore:
             raise JobNotFound(job_id)
         return job_from_row(row[:-1]), row[-1]
 
-    @staticmethod
-    def _refuse_active(job):
-        if job.running:
-            raise JobConflict(f"The job {job.id} is running now")
-        if job.waiting:
-            raise JobConflict(f"The job {job.id} is waiting now")
-
     def restart(self, job_id, copy=False):
         with self._tx() as cur:
             job, _ = self._locked(cur, job_id)
-            self._refuse_active(job)
+            refuse_active(job)
             if copy:
                 fresh = job.copy(self.ids_gen.next_id())
                 cur.execute(INSERT, job_row(fresh, now_ms()))
@@ -763,7 +756,7 @@ class PostgresStore:
     def delete(self, job_id):
         with self._tx() as cur:
             job, _ = self._locked(cur, job_id)
-            self._refuse_active(job)
+            refuse_active(job)
             cur.execute("DELETE FROM hq_jobs WHERE id = %s", (job_id,))
 
     def stop(self, job_id):

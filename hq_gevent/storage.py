@@ -39,6 +39,14 @@ class StoreUnavailable(Exception):
     """The store cannot take or answer this request now (disk full, database down): a 503."""
 
 
+def refuse_active(job):
+    """Delete and restart take only finished jobs (SPEC §5: 422 with HQ's texts)."""
+    if job.running:
+        raise JobConflict(f"The job {job.id} is running now")
+    if job.waiting:
+        raise JobConflict(f"The job {job.id} is waiting now")
+
+
 def open_store(config, data_dir, metrics):
     """The store the config names (`store = "wal" | "postgresql"`)."""
     if getattr(config, "store", "wal") == "postgresql":

@@ -33,7 +33,7 @@ from hq_gevent.job import CANCELED, FAILURE, SUCCESS
 from hq_gevent.keydir import ACTIVE, FINISH_TIME, Keydir, status_table
 from hq_gevent.metrics import Metrics
 from hq_gevent.schedule import Schedule
-from hq_gevent.storage import JobConflict, JobNotFound, StoreUnavailable
+from hq_gevent.storage import JobConflict, JobNotFound, StoreUnavailable, refuse_active
 
 log = logging.getLogger("hq_gevent")
 
@@ -504,7 +504,7 @@ class Store:
     def restart(self, job_id, copy=False):
         with self.exclusive(job_id):
             job = self.get(job_id)
-            self._refuse_active(job)
+            refuse_active(job)
             # The response and the record show the job as it will stand once enqueued.
             fresh = job.copy(self.ids_gen.next_id()) if copy else job.copy(job.id, job.unique_key)
             view = fresh.to_dict()
@@ -514,18 +514,11 @@ class Store:
     def delete(self, job_id):
         with self.exclusive(job_id):
             job = self.get(job_id)
-            self._refuse_active(job)
+            refuse_active(job)
             self._log_deletes([job.id])
 
     def _log_deletes(self, job_ids):
         self.wal.append(b"".join(wal.encode(["d", job_id]) for job_id in job_ids), lambda offset: self._forget(job_ids))
-
-    @staticmethod
-    def _refuse_active(job):
-        if job.running:
-            raise JobConflict(f"The job {job.id} is running now")
-        if job.waiting:
-            raise JobConflict(f"The job {job.id} is waiting now")
 
     def stop(self, job_id):
         """Cancel a waiting job, or abort a running one; returns once its outcome is recorded."""
