@@ -541,7 +541,8 @@ def test_service_under_systemd(container, worker):
         # Secure by default: the service (user hq-gevent, group-readable token) requires the token...
         assert requests.get(url + "/job", timeout=5).status_code == 401
         # ...and the CLI run by root on the host finds it without flags.
-        assert '"numJobs"' in c.run("/usr/bin/hq-gevent", "stats", "-a", url)  # the packaged CLI, not one on the host PATH.stdout
+        # (/usr/bin/hq-gevent: the packaged CLI, not one the host's PATH would find)
+        assert '"numJobs"' in c.run("/usr/bin/hq-gevent", "stats", "-a", url).stdout
         r = api.post(url + "/job", json={"url": worker.url + "/under-systemd", "payload": {"n": 1}}, timeout=10)
         assert r.status_code == 200, r.text
         job_id = r.json()["id"]
