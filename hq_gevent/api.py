@@ -13,7 +13,8 @@ import re2
 import ujson
 
 from hq_gevent import __commit_hash__, __version__
-from hq_gevent.job import InvalidJob, spec_from_request
+from hq_gevent.invalid import Invalid
+from hq_gevent.job import spec_from_request
 from hq_gevent.storage import JobConflict, JobNotFound, StoreUnavailable
 from hq_gevent.store import status_matcher
 
@@ -31,13 +32,6 @@ _BOOLS = {"1": True, "t": True, "true": True, "0": False, "f": False, "false": F
 _ASCII_DIGITS = re.compile(r"[0-9]+")
 _ASCII_ID = re.compile(r"[0-9]{1,20}")  # isdigit() would take '²', '①' and Arabic-Indic digits
 _INTEGER = re.compile(r"-?[0-9]+")
-
-
-class ApiError(Exception):
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def dump(value, pretty=False):
@@ -69,9 +63,7 @@ def handle_errors(callback):
             return callback(*args, **kwargs)
         except bottle.HTTPResponse:
             raise
-        except ApiError as e:
-            return error_body(e.status, e.message)
-        except InvalidJob as e:
+        except Invalid as e:
             return error_body(e.status, e.message)
         except (JobNotFound, JobConflict) as e:
             return error_body(422, str(e))
@@ -90,15 +82,15 @@ def read_body(max_bytes):
     length = environ.get("CONTENT_LENGTH")
     if length:
         if not _ASCII_DIGITS.fullmatch(length):  # int() would also take "+34", " 34", "3_4"
-            raise ApiError(400, "invalid Content-Length")
+            raise Invalid(400, "invalid Content-Length")
         length = int(length)
         if length > max_bytes:
-            raise ApiError(413, f"the request body is larger than max_body_bytes ({max_bytes} bytes)")
+            raise Invalid(413, f"the request body is larger than max_body_bytes ({max_bytes} bytes)")
         body = environ["wsgi.input"].read(length)
     else:
         body = environ["wsgi.input"].read(max_bytes + 1)
         if len(body) > max_bytes:
-            raise ApiError(413, f"the request body is larger than max_body_bytes ({max_bytes} bytes)")
+            raise Invalid(413, f"the request body is larger than max_body_bytes ({max_bytes} bytes)")
     return body
 
 
@@ -109,14 +101,14 @@ def read_json(max_bytes, empty=None):
     media = bottle.request.environ.get("CONTENT_TYPE", "").partition(";")[0].strip().lower()
     if body and media not in BODY_TYPES:
         # Also without any Content-Type: a browser may send a body so, as a CORS "simple" request.
-        raise ApiError(415, "Unsupported Media Type")
+        raise Invalid(415, "Unsupported Media Type")
     if media == BODY_TYPES[1] and not body.lstrip().startswith((b"{", b"[")):
         # HQ accepts a form field `payload` with the JSON; `curl -d '{...}'` sends plain JSON
         # under this content type, so a body that looks like JSON is read as JSON.
         try:
             values = parse_qs(body.decode(), errors="strict").get("payload")
         except UnicodeDecodeError:
-            raise ApiError(400, "invalid form: not UTF-8") from None
+            raise Invalid(400, "invalid form: not UTF-8") from None
         if values:
             body = values[0].encode()
     if not body.strip() and empty is not None:
@@ -131,16 +123,16 @@ def parse_json(body):
     try:
         value = ujson.loads(body)
     except ValueError as e:  # also an integer beyond Python's 4300-digit conversion limit
-        raise ApiError(400, f"invalid JSON: {e}") from None
+        raise Invalid(400, f"invalid JSON: {e}") from None
     # Nesting cannot exceed the number of opening brackets: the walk is for the rare deep body.
     if body.count(b"[") + body.count(b"{") > MAX_DEPTH and nesting_exceeds(value, MAX_DEPTH):
-        raise ApiError(400, f"invalid JSON: nested deeper than {MAX_DEPTH} levels")
+        raise Invalid(400, f"invalid JSON: nested deeper than {MAX_DEPTH} levels")
     try:
         dump(value)
     except OverflowError:
-        raise ApiError(400, "invalid JSON: NaN, Infinity and numbers beyond a double (e.g. 1e400) are not JSON") from None
+        raise Invalid(400, "invalid JSON: NaN, Infinity and numbers beyond a double (e.g. 1e400) are not JSON") from None
     except UnicodeEncodeError:
-        raise ApiError(400, "invalid JSON: a string holds a lone surrogate (\\ud800-\\udfff without its pair)") from None
+        raise Invalid(400, "invalid JSON: a string holds a lone surrogate (\\ud800-\\udfff without its pair)") from None
     return value
 
 
@@ -165,7 +157,7 @@ def is_id(text):
 
 def parse_id(text):
     if not is_id(text):
-        raise ApiError(422, f"The job id must be a number but '{text}'.")
+        raise Invalid(422, f"The job id must be a number but '{text}'.")
     return int(text)
 
 
@@ -177,7 +169,7 @@ def query_text(name):
     try:
         return raw.encode("latin-1").decode("utf-8")
     except UnicodeError:
-        raise ApiError(400, f"'{name}' is not valid UTF-8") from None
+        raise Invalid(400, f"'{name}' is not valid UTF-8") from None
 
 
 def query_int(name):
@@ -189,7 +181,7 @@ def query_int(name):
             return int(text)
     except ValueError:  # more than 4300 digits
         pass
-    raise ApiError(400, f"'{name}' must be an integer but '{text}'")
+    raise Invalid(400, f"'{name}' must be an integer but '{text}'")
 
 
 def query_bool(name):
@@ -200,7 +192,7 @@ def query_bool(name):
     if text == "":
         return True  # a bare ?reverse
     if text not in _BOOLS:
-        raise ApiError(400, f"'{name}' must be a boolean but '{text}'")
+        raise Invalid(400, f"'{name}' must be a boolean but '{text}'")
     return _BOOLS[text]
 
 
@@ -313,7 +305,7 @@ def query_filter(name):
         return TextFilter(text)
     except re2.error as e:
         reason = e.args[0].decode("utf-8", "replace") if e.args and isinstance(e.args[0], bytes) else str(e)
-        raise ApiError(422, f"'{name}' is not a valid regular expression: {reason}") from None
+        raise Invalid(422, f"'{name}' is not a valid regular expression: {reason}") from None
 
 
 # --- rendering stored jobs ---------------------------------------------------------------
@@ -484,15 +476,15 @@ def add_api_routes(app, prefix, store, dispatchers, config):
     def push_jobs():
         body = read_json(config.max_body_bytes)
         if not isinstance(body, list) or not body:
-            raise ApiError(400, "the body must be a non-empty JSON array of jobs")
+            raise Invalid(400, "the body must be a non-empty JSON array of jobs")
         if len(body) > MAX_BATCH:
-            raise ApiError(413, f"a batch holds at most {MAX_BATCH} jobs, not {len(body)}")
+            raise Invalid(413, f"a batch holds at most {MAX_BATCH} jobs, not {len(body)}")
         specs = []
         for index, item in enumerate(body):
             try:
                 specs.append(spec_from_request(item, store.default_retry, dispatchers.allowed_hosts))
-            except InvalidJob as e:
-                raise ApiError(e.status, f"jobs[{index}]: {e.message}") from None
+            except Invalid as e:
+                raise Invalid(e.status, f"jobs[{index}]: {e.message}") from None
         return render({"jobs": [view for view, _ in store.push_many(specs)]})
 
     def list_jobs():
@@ -504,14 +496,14 @@ def add_api_routes(app, prefix, store, dispatchers, config):
         begin = query_text("begin") or None
         if begin is not None:
             if not is_id(begin):
-                raise ApiError(400, f"'begin' must be a job id but '{begin}'")
+                raise Invalid(400, f"'begin' must be a job id but '{begin}'")
             begin = int(begin)
         reverse = query_bool("reverse")
         try:
             match = status_matcher(query_filter("name"), query_filter("term"), query_text("status") or None,
                                    getattr(store, "ids", None))  # a store that keeps its ids in memory
         except ValueError as e:
-            raise ApiError(422, str(e)) from None
+            raise Invalid(422, str(e)) from None
         jobs, next_id = store.list_jobs(begin, reverse, limit, match)
         return render_page(jobs, next_id)
 
@@ -532,10 +524,10 @@ def add_api_routes(app, prefix, store, dispatchers, config):
         job_id = parse_id(job_id)
         body = read_json(config.max_body_bytes, empty={})
         if not isinstance(body, dict):
-            raise ApiError(400, "the body must be a JSON object")
+            raise Invalid(400, "the body must be a JSON object")
         copy = body.get("copy", False)
         if not isinstance(copy, bool):
-            raise ApiError(400, "'copy' must be a boolean")
+            raise Invalid(400, "'copy' must be a boolean")
         return render(store.restart(job_id, copy))
 
     app.route(prefix + "/", "GET", info)
@@ -559,7 +551,7 @@ def add_ui_routes(app, basename):
 
     def page(path=""):
         if path == "internal" or path.startswith("internal/"):
-            raise ApiError(404, "Not Found")  # an unknown route of the UI's API, not a page
+            raise Invalid(404, "Not Found")  # an unknown route of the UI's API, not a page
         # index.html always goes through index() so its basename placeholder is filled in.
         target = os.path.realpath(os.path.join(root, path))
         if path and path != "index.html" and target.startswith(root + os.sep) and os.path.isfile(target):
@@ -571,7 +563,7 @@ def add_ui_routes(app, basename):
             with open(os.path.join(UI_DIR, "index.html"), encoding="utf-8") as f:
                 html = f.read()
         except OSError:
-            raise ApiError(404, "the web UI is not installed") from None
+            raise Invalid(404, "the web UI is not installed") from None
         bottle.response.content_type = "text/html; charset=UTF-8"
         return html.replace("__UI_BASENAME__", basename)
 

@@ -7,19 +7,11 @@ import ujson
 
 from hq_gevent import retry, schedule
 from hq_gevent.ids import format_ms, now_ms, timestamp_ms
+from hq_gevent.invalid import Invalid
 
 SUCCESS, FAILURE, CANCELED = 1, 2, 4
 STATUSES = ("running", "canceling", "waiting", "failure", "success", "canceled", "unfinished", "unknown")
 MAX_HISTORY = 10  # failed attempts kept in a job's history (SPEC §10.1)
-
-
-class InvalidJob(Exception):
-    """A pushed job that cannot be accepted; `status` is 400 (malformed) or 422 (invalid value)."""
-
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def dumps(value):
@@ -229,42 +221,42 @@ def _string(body, key, default):
     if value is None:
         return default
     if not isinstance(value, str):
-        raise InvalidJob(400, f"'{key}' must be a string")
+        raise Invalid(400, f"'{key}' must be a string")
     return value
 
 
 def validate_url(url):
     if _BAD_URL_CHAR.search(url):
-        raise InvalidJob(422, f"'url' must be an absolute http or https URL without spaces: {url!r}")
+        raise Invalid(422, f"'url' must be an absolute http or https URL without spaces: {url!r}")
     try:
         parts = urlsplit(url)
         parts.port  # raises on a malformed port
     except ValueError:
-        raise InvalidJob(422, f"'url' is not a valid URL: {url!r}") from None
+        raise Invalid(422, f"'url' is not a valid URL: {url!r}") from None
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise InvalidJob(422, f"'url' must be an absolute http or https URL: {url!r}")
+        raise Invalid(422, f"'url' must be an absolute http or https URL: {url!r}")
 
 
 def validate_headers(headers):
     if headers is None:
         return None
     if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
-        raise InvalidJob(400, "'headers' must be an object of string values")
+        raise Invalid(400, "'headers' must be an object of string values")
     for name, value in headers.items():
         if not _TOKEN.fullmatch(name):
-            raise InvalidJob(422, f"invalid header name {name!r}")
+            raise Invalid(422, f"invalid header name {name!r}")
         if not _FIELD_VALUE.fullmatch(value):
-            raise InvalidJob(422, f"header {name!r} has a control character (CR, LF, NUL, ...) in its value")
+            raise Invalid(422, f"header {name!r} has a control character (CR, LF, NUL, ...) in its value")
     return headers
 
 
 def fields_from_request(body):
     """(name, comment, url, payload_text, headers, timeout) from a decoded POST /job body."""
     if not isinstance(body, dict):
-        raise InvalidJob(400, "the job must be a JSON object")
+        raise Invalid(400, "the job must be a JSON object")
     url = _string(body, "url", "")
     if not url:
-        raise InvalidJob(422, "'url' is required")
+        raise Invalid(422, "'url' is required")
     validate_url(url)
     name = _string(body, "name", "") or "default"
     comment = _string(body, "comment", "")
@@ -272,9 +264,9 @@ def fields_from_request(body):
     if timeout is None:
         timeout = 0
     elif not isinstance(timeout, int) or isinstance(timeout, bool):
-        raise InvalidJob(400, "'timeout' must be an integer number of seconds")
+        raise Invalid(400, "'timeout' must be an integer number of seconds")
     elif timeout < 0:
-        raise InvalidJob(422, "'timeout' must not be negative")
+        raise Invalid(422, "'timeout' must not be negative")
     headers = validate_headers(body.get("headers"))
     payload = body.get("payload")
     return name, comment, url, None if payload is None else dumps(payload), headers, timeout
@@ -300,18 +292,15 @@ def spec_from_request(body, default_retry, allowed_hosts=None):
     fields = fields_from_request(body)
     refusal = allowed_hosts.push_refusal(fields[2]) if allowed_hosts else None
     if refusal:
-        raise InvalidJob(422, refusal)
+        raise Invalid(422, refusal)
     if not _POLICY_KEYS.intersection(body):  # HQ's fields only: the server's defaults, now
         return JobSpec(*fields, default_retry)
-    try:
-        policy = retry.from_request(body.get("retry"), default_retry)
-        run_at = schedule.run_at_from_request(body, now_ms())
-    except (retry.InvalidPolicy, schedule.InvalidSchedule) as e:
-        raise InvalidJob(e.status, e.message) from None
+    policy = retry.from_request(body.get("retry"), default_retry)
+    run_at = schedule.run_at_from_request(body, now_ms())
     unique_key = body.get("uniqueKey")
     if unique_key is not None:
         if not isinstance(unique_key, str):
-            raise InvalidJob(400, "'uniqueKey' must be a string")
+            raise Invalid(400, "'uniqueKey' must be a string")
         if not 1 <= len(unique_key) <= MAX_UNIQUE_KEY:
-            raise InvalidJob(422, f"'uniqueKey' must be 1 to {MAX_UNIQUE_KEY} characters")
+            raise Invalid(422, f"'uniqueKey' must be 1 to {MAX_UNIQUE_KEY} characters")
     return JobSpec(*fields, policy, run_at, unique_key)

@@ -1,19 +1,12 @@
 """The retry policy of a job (SPEC §10.2-10.3): its validation at push, and the wait before the next attempt."""
 import random
 
+from hq_gevent.invalid import Invalid
+
 MAX_ATTEMPTS = 1000
 MAX_BACKOFF = 86400.0
 MAX_RETRY_AFTER = 86400.0
 KEYS = ("maxAttempts", "minBackoff", "maxBackoff", "maxRetryDuration")
-
-
-class InvalidPolicy(Exception):
-    """`status` is 400 (unknown key, wrong type) or 422 (out of range)."""
-
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 # A policy is a tuple (max_attempts, min_backoff, max_backoff, max_retry_duration). Most jobs
@@ -32,7 +25,7 @@ def from_config(config):
 
 def _number(value, key):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidPolicy(400, f"'retry.{key}' must be a number")
+        raise Invalid(400, f"'retry.{key}' must be a number")
     return float(value)
 
 
@@ -41,31 +34,31 @@ def from_request(value, default):
     if value is None:
         return default
     if not isinstance(value, dict):
-        raise InvalidPolicy(400, "'retry' must be an object")
+        raise Invalid(400, "'retry' must be an object")
     unknown = sorted(set(value) - set(KEYS))
     if unknown:
-        raise InvalidPolicy(400, f"'retry' has an unknown key '{unknown[0]}'")
+        raise Invalid(400, f"'retry' has an unknown key '{unknown[0]}'")
     attempts, min_backoff, max_backoff, max_duration = default
     if "maxAttempts" in value:
         attempts = value["maxAttempts"]
         if isinstance(attempts, bool) or not isinstance(attempts, int):
-            raise InvalidPolicy(400, "'retry.maxAttempts' must be an integer")
+            raise Invalid(400, "'retry.maxAttempts' must be an integer")
         if not 1 <= attempts <= MAX_ATTEMPTS:
-            raise InvalidPolicy(422, f"'retry.maxAttempts' must be from 1 to {MAX_ATTEMPTS}")
+            raise Invalid(422, f"'retry.maxAttempts' must be from 1 to {MAX_ATTEMPTS}")
     if "minBackoff" in value:
         min_backoff = _number(value["minBackoff"], "minBackoff")
         if not 0 < min_backoff <= MAX_BACKOFF:
-            raise InvalidPolicy(422, f"'retry.minBackoff' must be > 0 and <= {MAX_BACKOFF:.0f}")
+            raise Invalid(422, f"'retry.minBackoff' must be > 0 and <= {MAX_BACKOFF:.0f}")
     if "maxBackoff" in value:
         max_backoff = _number(value["maxBackoff"], "maxBackoff")
         if not 0 < max_backoff <= MAX_BACKOFF:
-            raise InvalidPolicy(422, f"'retry.maxBackoff' must be > 0 and <= {MAX_BACKOFF:.0f}")
+            raise Invalid(422, f"'retry.maxBackoff' must be > 0 and <= {MAX_BACKOFF:.0f}")
     if max_backoff < min_backoff:
-        raise InvalidPolicy(422, "'retry.maxBackoff' must be >= 'retry.minBackoff'")
+        raise Invalid(422, "'retry.maxBackoff' must be >= 'retry.minBackoff'")
     if "maxRetryDuration" in value:
         max_duration = _number(value["maxRetryDuration"], "maxRetryDuration")
         if max_duration < 0:
-            raise InvalidPolicy(422, "'retry.maxRetryDuration' must be >= 0")
+            raise Invalid(422, "'retry.maxRetryDuration' must be >= 0")
     return shared((attempts, min_backoff, max_backoff, max_duration))
 
 

@@ -10,42 +10,36 @@ import gevent
 import gevent.event
 
 from hq_gevent.ids import now_ms
+from hq_gevent.invalid import Invalid
 
 MAX_DELAY = 31536000  # a year, in seconds
 _ID_BITS = 64
-
-
-class InvalidSchedule(Exception):
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def run_at_from_request(body, now):
     """The pushed `delay` or `runAt` as a time in ms, or None to start now (SPEC §10.2)."""
     delay, run_at = body.get("delay"), body.get("runAt")
     if delay is not None and run_at is not None:
-        raise InvalidSchedule(422, "give either 'delay' or 'runAt', not both")
+        raise Invalid(422, "give either 'delay' or 'runAt', not both")
     if delay is not None:
         if isinstance(delay, bool) or not isinstance(delay, (int, float)):
-            raise InvalidSchedule(400, "'delay' must be a number of seconds")
+            raise Invalid(400, "'delay' must be a number of seconds")
         if not 0 <= delay <= MAX_DELAY:
-            raise InvalidSchedule(422, f"'delay' must be from 0 to {MAX_DELAY} seconds")
+            raise Invalid(422, f"'delay' must be from 0 to {MAX_DELAY} seconds")
         return now + int(delay * 1000) if delay > 0 else None
     if run_at is None:
         return None
     if not isinstance(run_at, str):
-        raise InvalidSchedule(400, "'runAt' must be a string")
+        raise Invalid(400, "'runAt' must be a string")
     try:
         when = datetime.fromisoformat(run_at)
     except ValueError:
-        raise InvalidSchedule(422, f"'runAt' is not an RFC 3339 time: {run_at!r}") from None
+        raise Invalid(422, f"'runAt' is not an RFC 3339 time: {run_at!r}") from None
     if when.tzinfo is None or "T" not in run_at.upper():
-        raise InvalidSchedule(422, f"'runAt' needs a date, a time and an offset (e.g. 2026-12-24T18:00:00Z): {run_at!r}")
+        raise Invalid(422, f"'runAt' needs a date, a time and an offset (e.g. 2026-12-24T18:00:00Z): {run_at!r}")
     ms = int(when.timestamp() * 1000)
     if ms > now + MAX_DELAY * 1000:
-        raise InvalidSchedule(422, "'runAt' is more than a year ahead")
+        raise Invalid(422, "'runAt' is more than a year ahead")
     return ms if ms > now else None
 
 

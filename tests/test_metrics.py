@@ -15,7 +15,8 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 from hq_gevent import wal
-from hq_gevent.api import ApiError, error_body, handle_errors, render
+from hq_gevent.api import error_body, handle_errors, render
+from hq_gevent.invalid import Invalid
 from hq_gevent.metrics import HISTORY_SECONDS, Metrics, route_label
 
 GAUGES = {"waiting": 0, "scheduled": 0, "running": 0, "stored": 0, "queue_usage": 0, "workers_busy": 0,
@@ -181,7 +182,7 @@ def app_server(metrics):
 
     def get_job(job_id):
         if job_id == "404404":
-            raise ApiError(422, f"The job '{job_id}' is not found")
+            raise Invalid(422, f"The job '{job_id}' is not found")
         return render({"id": job_id})
 
     def stop_job(job_id):

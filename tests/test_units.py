@@ -6,7 +6,8 @@ import pytest
 
 from hq_gevent import ids, wal
 from hq_gevent.config import Config
-from hq_gevent.job import InvalidJob, Job, JobSpec, fields_from_request
+from hq_gevent.invalid import Invalid
+from hq_gevent.job import Job, JobSpec, fields_from_request
 from hq_gevent.store import Store
 
 
@@ -90,7 +91,7 @@ def test_record_roundtrip_and_active_jobs_log_as_waiting():
 def test_fields_from_request():
     assert fields_from_request({"url": "https://h:8443/p?q", "payload": {"b": [1]}}) == \
         ("default", "", "https://h:8443/p?q", '{"b":[1]}', None, 0)
-    with pytest.raises(InvalidJob) as e:
+    with pytest.raises(Invalid) as e:
         fields_from_request({"url": "http://h/", "headers": {"A": "x\ny"}})
     assert e.value.status == 422
 
