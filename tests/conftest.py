@@ -359,3 +359,29 @@ def server(make_server):
 
 def dump_json(obj):
     return json.dumps(obj, separators=(",", ":"))
+
+
+class SocketWorker:
+    """A worker app written at the socket level, for answers no HTTP library would give:
+    each accepted connection runs `serve(conn)` (a subclass's) in a thread of its own."""
+
+    def __init__(self, path=""):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}{path}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def serve(self, conn):
+        raise NotImplementedError
+
+    def close(self):
+        self.listener.close()

@@ -1,32 +1,20 @@
 """The worker request client against raw HTTP answers a real worker may give (chunked, no length,
 interim 100, HTTP/1.0, closed keep-alive connections, basic auth), through a real server."""
-import socket
-import threading
 
 import pytest
 
+from conftest import SocketWorker
 
-class RawWorker:
+
+class RawWorker(SocketWorker):
     """Answers each request with canned bytes; records the raw requests."""
 
     def __init__(self, answer, close=False):
-        self.answer, self.close = answer, close
+        self.answer, self.close_after = answer, close
         self.requests = []
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(64)
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
+    def serve(self, conn):
         data = b""
         with conn:
             while True:
@@ -43,11 +31,8 @@ class RawWorker:
                 self.requests.append(head + b"\r\n\r\n" + data[:length])
                 data = data[length:]
                 conn.sendall(self.answer)
-                if self.close:
+                if self.close_after:
                     return
-
-    def stop(self):
-        self.listener.close()
 
 
 @pytest.fixture
@@ -61,7 +46,7 @@ def raw():
 
     yield make
     for worker in workers:
-        worker.stop()
+        worker.close()
 
 
 def run(server, url, **job):

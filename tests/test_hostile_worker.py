@@ -6,12 +6,13 @@ read loop that never yields holds the event loop) or trickled (the case where on
 timeout can end it). While it runs, a prober keeps asking the same server for `GET /`.
 """
 import datetime
-import socket
 import threading
 import time
 
 import pytest
 import requests
+
+from conftest import SocketWorker
 
 JOB_TIMEOUT = 3
 TIMEOUT_MARGIN = 3  # the shared 2-core machine can be slow; the bug this catches took 9-12 s more
@@ -42,26 +43,14 @@ def trickle(prefix, byte=b"a", every=0.01):
     return answer
 
 
-class HostileWorker:
+class HostileWorker(SocketWorker):
     """Reads each worker request, then lets `answer(conn)` write to the socket."""
 
     def __init__(self, answer):
         self.answer = answer
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/hostile"
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__("/hostile")
 
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
+    def serve(self, conn):
         with conn:
             data = b""
             while b"\r\n\r\n" not in data:
@@ -73,9 +62,6 @@ class HostileWorker:
                 self.answer(conn)
             except OSError:
                 pass  # the server hung up: what we wanted
-
-    def close(self):
-        self.listener.close()
 
 
 class Prober:
