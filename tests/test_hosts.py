@@ -68,7 +68,7 @@ def test_ipv4_mapped_address_is_its_ipv4_address():
 def raw_ok():
     worker = RawWorker(OK)
     yield worker
-    worker.stop()
+    worker.close()
 
 
 def send(patterns, url):

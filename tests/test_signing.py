@@ -38,7 +38,7 @@ def headers_and_body(raw_request):
 def raw_ok():
     worker = RawWorker(OK)
     yield worker
-    worker.stop()
+    worker.close()
 
 
 def test_each_secret_verifies_with_standardwebhooks(raw_ok):
